@@ -1,0 +1,278 @@
+"""The Adapter contract: what one model family must tell the core, and nothing more.
+
+An adapter turns a family's network into a :class:`VideoClassifier`: a module that takes
+pixels in ``[0, 1]`` shaped ``[B, 3, T, H, W]`` and returns logits, and that carries
+
+* its :class:`InputSpec` (frames, crop size, mean/std, value range, class names);
+* its ordered :class:`Tap` list - every embedding layer from the first block to the last, each
+  with a function turning the module's output into ``[B, C, T', H', W']``;
+* its :class:`NormLayer` list - the layers whose input statistics the feature-diversity term
+  matches (BatchNorm running stats, or LayerNorm inputs whose stats are estimated from videos);
+* the name of a default Grad-CAM layer.
+
+A family implements :meth:`Adapter.create` and :meth:`Adapter.taps`; everything else has a
+default that fits most families. ``docs/writing_adapters.md`` walks through a complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from leaps.errors import LeapsError
+
+if TYPE_CHECKING:
+    from leaps.registry import ModelSpec
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the network expects. ``mean``/``std`` apply to pixels scaled to ``value_range``."""
+
+    frames: int
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    value_range: float = 1.0
+    layout: str = "BCTHW"
+    labels: tuple[str, ...] = ()
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(3, T, H, W)`` of one clip."""
+        return (3, self.frames, self.size, self.size)
+
+
+def as_video(output: Any) -> Tensor:
+    """Default tap conversion: the module already returns ``[B, C, T, H, W]``."""
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    return output
+
+
+def tokens_to_video(tokens: Tensor, grid: tuple[int, int, int], prefix: int = 0) -> Tensor:
+    """``[B, prefix + T*H*W, C]`` tokens -> ``[B, C, T, H, W]``, dropping ``prefix`` class tokens."""
+    t, h, w = grid
+    tokens = tokens[:, prefix:]
+    if tokens.shape[1] != t * h * w:
+        raise ValueError(f"{tokens.shape[1]} tokens do not fit the patch grid {t}x{h}x{w}")
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], t, h, w)
+
+
+def channels_last_to_video(x: Tensor) -> Tensor:
+    """``[B, T, H, W, C]`` -> ``[B, C, T, H, W]``."""
+    return x.permute(0, 4, 1, 2, 3)
+
+
+@dataclass
+class Tap:
+    """One embedding layer: the module whose output is captured, and how to read it as video."""
+
+    name: str
+    module: nn.Module
+    to_video: Callable[[Any], Tensor] = as_video
+
+
+@dataclass
+class NormLayer:
+    """A normalisation layer whose *input* statistics R_feat matches.
+
+    ``channel_dim`` is the channel axis of the layer's input (1 for BatchNorm on
+    ``[B, C, ...]``, -1 for LayerNorm on ``[..., C]``). ``running_mean``/``running_var`` are the
+    statistics to match; ``None`` means the family has none (BN-free) and they are estimated from
+    real videos by the caller.
+    """
+
+    name: str
+    module: nn.Module
+    channel_dim: int
+    running_mean: Tensor | None = None
+    running_var: Tensor | None = None
+
+    @property
+    def has_stats(self) -> bool:
+        return self.running_mean is not None and self.running_var is not None
+
+
+class VideoClassifier(nn.Module):
+    """What every adapter hands the core: pixels in [0,1] ``[B,3,T,H,W]`` -> logits ``[B,K]``.
+
+    Normalisation to the network's mean/std happens inside :meth:`forward`, so optimisers and
+    attribution methods work in pixel space whatever the family.
+    """
+
+    def __init__(self, net: nn.Module, spec: InputSpec, taps: list[Tap],
+                 norm_layers: list[NormLayer], gradcam_layer: str,
+                 forward_fn: Callable[[nn.Module, Tensor], Tensor],
+                 adapter: str, model: str) -> None:
+        super().__init__()
+        self.net = net
+        self.spec = spec
+        self.taps = taps
+        self.norm_layers = norm_layers
+        self.gradcam_layer = gradcam_layer
+        self._forward_fn = forward_fn
+        self.adapter_name = adapter
+        self.model_name = model
+        scale = spec.value_range
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1, 1) / scale,
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1, 1) / scale,
+                             persistent=False)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.spec.labels
+
+    def normalize(self, video: Tensor) -> Tensor:
+        return (video - self.mean) / self.std
+
+    def forward(self, video: Tensor) -> Tensor:
+        return self._forward_fn(self.net, self.normalize(video))
+
+    def tap(self, name: str) -> Tap:
+        for tap in self.taps:
+            if tap.name == name:
+                return tap
+        names = ", ".join(t.name for t in self.taps)
+        raise LeapsError(f"{self.model_name} has no tap {name!r}; its taps are: {names}")
+
+
+def _batchnorm_layers(net: nn.Module) -> list[NormLayer]:
+    layers = []
+    for name, module in net.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            layers.append(NormLayer(name, module, 1, module.running_mean, module.running_var))
+    return layers
+
+
+def _layernorm_layers(net: nn.Module) -> list[NormLayer]:
+    return [NormLayer(name, module, -1) for name, module in net.named_modules()
+            if isinstance(module, nn.LayerNorm)]
+
+
+class Adapter:
+    """Base class of every model-family adapter. Subclass, set the class attributes, and
+    implement :meth:`create` and :meth:`taps`.
+
+    Class attributes:
+      name: ``"<plugin>.<family>"``, e.g. ``"torchvision.r3d"``.
+      requires: importable module -> pip extra that provides it; ``leaps models`` reports an
+        entry as unusable (with the ``pip install`` line) while a module is missing.
+      checkpoint_format: a short description of the native checkpoint format it loads.
+    """
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[dict[str, str]] = {}
+    checkpoint_format: ClassVar[str] = "a state dict saved by torch.save (.pth) or safetensors"
+
+    # -- what a family implements ------------------------------------------------------
+    def create(self, arch: dict[str, Any], num_classes: int, spec: InputSpec) -> nn.Module:
+        """Build the family's network with random weights (never downloads anything)."""
+        raise NotImplementedError
+
+    def taps(self, net: nn.Module, arch: dict[str, Any], spec: InputSpec) -> list[Tap]:
+        """Every embedding layer in forward order, first block to last."""
+        raise NotImplementedError
+
+    # -- defaults a family may override -----------------------------------------------
+    def forward(self, net: nn.Module, x: Tensor) -> Tensor:
+        """Run the network on a normalised ``[B,3,T,H,W]`` clip; return logits."""
+        return net(x)
+
+    def norm_layers(self, net: nn.Module) -> list[NormLayer]:
+        """BatchNorm layers with running stats; LayerNorms (stats estimated) for BN-free nets."""
+        return _batchnorm_layers(net) or _layernorm_layers(net)
+
+    def gradcam_layer(self, net: nn.Module, taps: list[Tap]) -> str:
+        """Name of the default Grad-CAM target: the last tap."""
+        return taps[-1].name
+
+    def state_dict_from_checkpoint(self, obj: Any) -> dict[str, Tensor]:
+        """Pull the weights out of a loaded checkpoint object (family formats differ)."""
+        if isinstance(obj, dict):
+            for key in ("state_dict", "model_state", "model"):
+                if key in obj and isinstance(obj[key], dict):
+                    return obj[key]
+        return obj
+
+    def save_checkpoint(self, net: nn.Module, path: Path) -> None:
+        """Write ``net`` in the family's native checkpoint format."""
+        torch.save(net.state_dict(), path)
+
+    # -- the template the core calls ----------------------------------------------------
+    def load_checkpoint(self, net: nn.Module, path: str | Path) -> None:
+        """Load a native checkpoint into ``net`` without executing code from the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise LeapsError(f"checkpoint {path} does not exist; pass an existing file to "
+                             "--checkpoint")
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                obj: Any = load_file(str(path))
+            else:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise LeapsError(f"cannot read checkpoint {path} ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}); {self.name} "
+                             f"loads {self.checkpoint_format}") from None
+        state = self.state_dict_from_checkpoint(obj)
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise LeapsError(f"checkpoint {path} holds no state dict of tensors; {self.name} "
+                             f"loads {self.checkpoint_format}")
+        load_state_dict_checked(net, state, str(path))
+
+    def build(self, spec: ModelSpec, checkpoint: str | Path | None = None,
+              labels: tuple[str, ...] | None = None) -> VideoClassifier:
+        """Build the registry entry's model in eval mode, optionally loading ``checkpoint``.
+
+        ``labels`` replaces the entry's label set (a model fine-tuned on other classes); the
+        classifier is then sized to it.
+        """
+        input_spec = spec.input_spec(labels)
+        net = self.create(dict(spec.arch), len(input_spec.labels), input_spec)
+        if checkpoint is not None:
+            self.load_checkpoint(net, checkpoint)
+        net.eval()
+        taps = self.taps(net, dict(spec.arch), input_spec)
+        if not taps:
+            raise LeapsError(f"adapter {self.name} found no taps in {spec.name}")
+        return VideoClassifier(net, input_spec, taps, self.norm_layers(net),
+                               self.gradcam_layer(net, taps), self.forward, self.name, spec.name)
+
+
+def load_state_dict_checked(net: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """``load_state_dict`` that reports every missing, unexpected or mis-shaped key at once."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                  for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected),
+                            ("shape mismatch (checkpoint vs model)", mismatched)):
+            if keys:
+                more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
+                parts.append(f"{label}: {', '.join(keys[:5])}{more}")
+        hint = ("; the classifier size differs from the label set: pass --labels FILE with the "
+                "model's classes" if mismatched else
+                "; is it a checkpoint of this model family and variant?")
+        raise LeapsError(f"checkpoint {source} does not fit the model: {'; '.join(parts)}{hint}")
+    net.load_state_dict(state, strict=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
