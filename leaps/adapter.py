@@ -244,8 +244,10 @@ class Adapter:
         taps = self.taps(net, dict(spec.arch), input_spec)
         if not taps:
             raise LeapsError(f"adapter {self.name} found no taps in {spec.name}")
-        return VideoClassifier(net, input_spec, taps, self.norm_layers(net),
-                               self.gradcam_layer(net, taps), self.forward, self.name, spec.name)
+        classifier = VideoClassifier(net, input_spec, taps, self.norm_layers(net),
+                                     self.gradcam_layer(net, taps), self.forward, self.name,
+                                     spec.name)
+        return classifier.eval()
 
 
 def load_state_dict_checked(net: nn.Module, state: dict[str, Tensor], source: str) -> None:

@@ -107,7 +107,7 @@ class PluginHost:
         except LeapsError:
             raise
         except Exception as exc:
-            self._forget(plugin, info)
+            self.remove(plugin, info)
             self._fail(f"plugin {name!r} from {distribution} {version} failed while registering "
                        f"adapters: {type(exc).__name__}: {exc}")
             return None
@@ -125,7 +125,8 @@ class PluginHost:
             if not impl.has_spec()
         )
 
-    def _forget(self, plugin: Any, info: PluginInfo) -> None:
+    def remove(self, plugin: Any, info: PluginInfo) -> None:
+        """Unregister ``plugin`` and forget the adapters it provided."""
         self.pm.unregister(plugin)
         for adapter in info.adapters:
             self.adapters.pop(adapter, None)

@@ -1,0 +1,233 @@
+"""The conformance suite every adapter, built-in or third-party, must pass.
+
+Use it from your own test suite::
+
+    from leaps.testing import AdapterConformance
+
+    class TestMyAdapter(AdapterConformance):
+        models = ["myplugin.tiny"]          # registry entries to check (at their reduced size)
+
+Each ``check_*`` function is also usable on its own and raises ``AssertionError`` with a
+message naming the model and what is wrong. :func:`registered_plugin` registers an in-process
+plugin for the duration of a ``with`` block (for tests of plugins that are not installed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from leaps.adapter import VideoClassifier
+from leaps.plugins import get_host
+from leaps.registry import ModelSpec, build_model, load_registry, reset_registry
+
+BATCH = 2
+
+
+def reduced_input(model: VideoClassifier, batch: int = BATCH, seed: int = 0) -> Tensor:
+    """A reproducible random clip batch in [0, 1] at the model's input size."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand((batch, *model.spec.shape), generator=generator)
+
+
+def capture_taps(model: VideoClassifier, video: Tensor) -> tuple[Tensor, list[Tensor], list[str]]:
+    """Run ``model`` and return (logits, each tap's output as video, tap names in call order)."""
+    outputs: dict[str, Tensor] = {}
+    order: list[str] = []
+
+    def hook(name: str, convert: Any) -> Any:
+        def record(_module: Any, _inputs: Any, output: Any) -> None:
+            if name not in outputs:
+                order.append(name)
+                outputs[name] = convert(output)
+        return record
+
+    handles = [tap.module.register_forward_hook(hook(tap.name, tap.to_video))
+               for tap in model.taps]
+    try:
+        logits = model(video)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [tap.name for tap in model.taps if tap.name not in outputs]
+    assert not missing, f"{model.model_name}: taps never ran in forward: {missing}"
+    return logits, [outputs[tap.name] for tap in model.taps], order
+
+
+# -- the checks ---------------------------------------------------------------------------
+def check_input_spec(model: VideoClassifier) -> None:
+    spec = model.spec
+    name = model.model_name
+    assert spec.frames >= 1 and spec.size >= 1, f"{name}: frames/size must be positive"
+    assert len(spec.mean) == 3 and len(spec.std) == 3, f"{name}: mean/std need 3 values"
+    assert min(spec.std) > 0, f"{name}: std must be positive"
+    assert spec.value_range > 0, f"{name}: value_range must be positive"
+    assert spec.layout == "BCTHW", f"{name}: the core feeds [B,C,T,H,W], got {spec.layout}"
+    assert spec.labels, f"{name}: no class names"
+    assert len(set(spec.labels)) == len(spec.labels), f"{name}: duplicate class names"
+    assert not model.training, f"{name}: build() must return the model in eval mode"
+    with torch.no_grad():
+        logits = model(reduced_input(model))
+    assert logits.shape == (BATCH, len(spec.labels)), (
+        f"{name}: logits {tuple(logits.shape)} do not match batch {BATCH} x "
+        f"{len(spec.labels)} classes")
+    assert torch.isfinite(logits).all(), f"{name}: non-finite logits"
+
+
+def check_taps(model: VideoClassifier) -> None:
+    name = model.model_name
+    assert model.taps, f"{name}: no taps"
+    names = [tap.name for tap in model.taps]
+    assert len(set(names)) == len(names), f"{name}: duplicate tap names"
+    with torch.no_grad():
+        _, videos, order = capture_taps(model, reduced_input(model))
+    assert order == names, (f"{name}: taps are not in forward order; forward runs "
+                            f"{order}, the adapter lists {names}")
+    for tap, video in zip(model.taps, videos):
+        assert isinstance(video, Tensor) and video.dim() == 5, (
+            f"{name}: tap {tap.name} converts to {getattr(video, 'shape', type(video))}, "
+            "not [B, C, T, H, W]")
+        assert video.shape[0] == BATCH, f"{name}: tap {tap.name} lost the batch dimension"
+        assert min(video.shape) > 0, f"{name}: tap {tap.name} has an empty dimension"
+        assert torch.isfinite(video).all(), f"{name}: tap {tap.name} is not finite"
+    assert model.gradcam_layer in names or any(
+        n == model.gradcam_layer for n, _ in model.net.named_modules()), (
+        f"{name}: Grad-CAM layer {model.gradcam_layer!r} is neither a tap nor a module")
+
+
+def check_tap_gradients(model: VideoClassifier) -> None:
+    """A gradient reaches the input from every tap, and it is not zero."""
+    video = reduced_input(model).requires_grad_(True)
+    _, videos, _ = capture_taps(model, video)
+    for tap, out in zip(model.taps, videos):
+        (grad,) = torch.autograd.grad(out.float().pow(2).mean(), video, retain_graph=True,
+                                      allow_unused=True)
+        assert grad is not None and grad.abs().sum() > 0, (
+            f"{model.model_name}: no gradient reaches the input from tap {tap.name}")
+
+
+def check_norm_layers(model: VideoClassifier) -> None:
+    """Norm layers run in forward and their running stats fit their inputs' channels."""
+    name = model.model_name
+    assert model.norm_layers, f"{name}: no norm layers for the feature-diversity term"
+    seen: dict[str, int] = {}
+
+    def hook(layer: Any) -> Any:
+        def record(_module: Any, inputs: tuple[Tensor, ...]) -> None:
+            seen.setdefault(layer.name, inputs[0].shape[layer.channel_dim])
+        return record
+
+    handles = [layer.module.register_forward_pre_hook(hook(layer)) for layer in model.norm_layers]
+    try:
+        with torch.no_grad():
+            model(reduced_input(model))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer in model.norm_layers:
+        assert layer.name in seen, f"{name}: norm layer {layer.name} never runs in forward"
+        if layer.has_stats:
+            assert layer.running_mean.shape == layer.running_var.shape == (seen[layer.name],), (
+                f"{name}: norm layer {layer.name} has running stats of shape "
+                f"{tuple(layer.running_mean.shape)} for {seen[layer.name]} input channels")
+
+
+def check_registry_entry(spec: ModelSpec) -> None:
+    registry = load_registry()
+    assert registry.get(spec.name) == spec
+    get_host().adapter(spec.adapter)
+    if spec.verifier not in ("self", "none"):
+        registry.get(spec.verifier)
+    labels = spec.label_names()
+    for pair in (*spec.mirrors, *spec.opposites):
+        for cls in pair:
+            assert cls in labels, f"{spec.name}: class {cls!r} of a mirror/opposite pair is " \
+                                  "not in its label set"
+
+
+def check_checkpoint_round_trip(spec: ModelSpec, directory: Path) -> None:
+    """A checkpoint written in the family's native format loads back to identical logits."""
+    adapter = get_host().adapter(spec.adapter)()
+    reduced = spec.at_reduced_size()
+    torch.manual_seed(1)
+    first = adapter.build(reduced)
+    # Make BatchNorm running stats non-trivial so they are part of what round-trips.
+    with torch.no_grad():
+        for layer in first.norm_layers:
+            if layer.has_stats:
+                layer.running_mean.uniform_(-0.1, 0.1)
+                layer.running_var.uniform_(0.5, 1.5)
+    path = directory / f"{spec.name}.ckpt"
+    adapter.save_checkpoint(first.net, path)
+    torch.manual_seed(2)
+    second = adapter.build(reduced, checkpoint=path)
+    video = reduced_input(first)
+    with torch.no_grad():
+        a, b = first(video), second(video)
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (
+        f"{spec.name}: logits differ after a checkpoint round trip "
+        f"(max abs diff {(a - b).abs().max().item():.3g})")
+
+
+# -- pytest integration --------------------------------------------------------------------
+class AdapterConformance:
+    """Subclass in a test module and set ``models``; pytest runs every check per model."""
+
+    models: ClassVar[list[str]] = []
+
+    def pytest_generate_tests(self, metafunc: Any) -> None:
+        if "model_name" in metafunc.fixturenames:
+            metafunc.parametrize("model_name", list(self.models))
+
+    def test_input_spec(self, model_name: str) -> None:
+        check_input_spec(_reduced(model_name))
+
+    def test_taps(self, model_name: str) -> None:
+        check_taps(_reduced(model_name))
+
+    def test_tap_gradients(self, model_name: str) -> None:
+        check_tap_gradients(_reduced(model_name))
+
+    def test_norm_layers(self, model_name: str) -> None:
+        check_norm_layers(_reduced(model_name))
+
+    def test_registry_entry(self, model_name: str) -> None:
+        check_registry_entry(load_registry().get(model_name))
+
+    def test_checkpoint_round_trip(self, model_name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            check_checkpoint_round_trip(load_registry().get(model_name), Path(tmp))
+
+
+_CACHE: dict[str, VideoClassifier] = {}
+
+
+def _reduced(name: str) -> VideoClassifier:
+    # One build per model and process: the checks only read the model.
+    if name not in _CACHE:
+        _CACHE.clear()
+        torch.manual_seed(0)
+        _CACHE[name] = build_model(name, reduced=True)
+    return _CACHE[name]
+
+
+@contextlib.contextmanager
+def registered_plugin(plugin: Any, name: str) -> Iterator[None]:
+    """Register ``plugin`` (its adapters and registry entries) for the ``with`` block only."""
+    host = get_host()
+    info = host.add(plugin, name)
+    reset_registry()
+    _CACHE.clear()
+    try:
+        yield
+    finally:
+        if info is not None:
+            host.remove(plugin, info)
+        reset_registry()
+        _CACHE.clear()
