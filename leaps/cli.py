@@ -133,6 +133,82 @@ def layers(adapter: str | None, model: str | None, full_size: bool) -> None:
     console.print(f"Grad-CAM target: {classifier.gradcam_layer}")
 
 
+def _config_options(command: Any) -> Any:
+    """One CLI option per InvertConfig field, documented by the field's help metadata."""
+    from dataclasses import MISSING, fields
+
+    from leaps.invert import FLIP_MODES, InvertConfig
+
+    for f in reversed(fields(InvertConfig)):
+        flag = "--" + f.name.replace("_", "-")
+        default = None if f.default is MISSING else f.default
+        helptext = f.metadata.get("help", "")
+        if isinstance(default, bool):
+            command = click.option(flag, f.name, is_flag=True, default=default,
+                                   help=helptext)(command)
+            continue
+        kind: Any = {"iterations": int, "samples": int, "seed": int, "log_every": int,
+                     "save_every": int}.get(f.name, float)
+        if f.name == "flip":
+            kind = click.Choice(FLIP_MODES)
+        elif f.name == "device":
+            kind = str
+        command = click.option(flag, f.name, type=kind, default=None, show_default=False,
+                               help=f"{helptext} [default: {default}]" if default is not None
+                               else helptext)(command)
+    return command
+
+
+@cli.command()
+@click.option("--model", help="Registry model to invert (`leaps models`).")
+@click.option("--adapter", help="Adapter name; without --model, its default registry model.")
+@click.option("--target", "targets", multiple=True,
+              help="Target class name or index; repeat for a batch of targets.")
+@click.option("--stimulus", "stimuli", multiple=True,
+              help="Stimulus video (mp4/avi/webm/mkv/gif) or frame folder; repeat for "
+                   "multi-stimulus priming; CLASS=PATH assigns it to one of several targets.")
+@click.option("--verifier", help="Verifier model name, 'self' or 'none' [default: registry].")
+@click.option("--checkpoint", help="Weights to load: a file in the family's native format, or "
+                                   "'registry' for the entry's official checkpoint.")
+@click.option("--labels", type=click.Path(dir_okay=False),
+              help="Class names, one a line, for a model fine-tuned on other classes.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Run directory to create [default: runs/<time>-<model>].")
+@click.option("--resume", type=click.Path(file_okay=False, exists=True),
+              help="Continue an interrupted run from its directory (its options are reused).")
+@click.option("--reduced", is_flag=True, help="Build the models at their small test size.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_config_options
+def invert(model: str | None, adapter: str | None, targets: tuple[str, ...],
+           stimuli: tuple[str, ...], verifier: str | None, checkpoint: str | None,
+           labels: str | None, out: str | None, resume: str | None, reduced: bool, quiet: bool,
+           **options: Any) -> None:
+    """Synthesize videos of target classes from what a model learned (LEAPS)."""
+    from leaps import runs
+    from leaps.invert import InvertConfig
+    from leaps.invert import invert as run_inversion
+
+    config = InvertConfig(**{k: v for k, v in options.items() if v is not None})
+    if resume is None and out is None:
+        out = str(runs.default_run_dir(model or adapter or "model"))
+    try:
+        result = run_inversion(model, adapter=adapter, targets=targets, stimuli=stimuli,
+                               verifier=verifier, checkpoint=checkpoint, labels=labels,
+                               config=config, out=out, resume=resume, reduced=reduced,
+                               progress=not quiet)
+    except KeyboardInterrupt:
+        where = resume or out
+        click.echo(f"interrupted; the state is saved: continue with `leaps invert --resume "
+                   f"{where}`", err=True)
+        raise SystemExit(130) from None
+    metrics = result.metrics
+    line = (f"model top-1 {metrics['model_accuracy']:.0%}"
+            + (f", verifier top-1 {metrics['verifier_accuracy']:.0%}"
+               if "verifier_accuracy" in metrics else ""))
+    click.echo(f"{result.run_dir}: {len(result.labels)} clip(s) of "
+               f"{', '.join(dict.fromkeys(result.labels))}; {line}")
+
+
 def main() -> None:
     cli(prog_name="leaps")
 

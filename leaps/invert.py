@@ -1,0 +1,629 @@
+"""The LEAPS optimisation loop: architecture-agnostic and GPU-first.
+
+One forward+backward of the model (and one of the verifier, unless the verifier is the model
+itself, when a single shared pass serves both) per iteration; stimulus features are computed
+once; nothing leaves the device inside the loop except every ``log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from leaps import losses
+from leaps.adapter import NormLayer, VideoClassifier
+from leaps.errors import LeapsError
+from leaps.taps import NormStatsRecorder, TapRecorder
+
+FLIP_MODES = ("auto", "on", "off", "swap")
+
+
+@dataclass
+class InvertConfig:
+    """Every knob of an inversion. ``None`` hyperparameters come from the registry entry.
+
+    Each field's ``help`` metadata is its documentation (the CLI shows it as the option help).
+    """
+
+    iterations: int = field(default=2000, metadata={"help": "Optimisation steps."})
+    lr: float = field(default=0.1, metadata={"help": "Adam learning rate (pixel space)."})
+    warmup: float = field(default=0.05, metadata={
+        "help": "Fraction of the steps with a linear learning-rate warm-up (then cosine to 0)."})
+    lambda_1: float | None = field(default=None, metadata={
+        "help": "Priming weight of the first tap (default: the registry's Table S1 value)."})
+    lambda_L: float | None = field(default=None, metadata={
+        "help": "Priming weight of the last tap; linear in between (default: registry)."})
+    r: float | None = field(default=None, metadata={
+        "help": "Weight of the regularisers R_coh + R_feat (default: registry)."})
+    ce_weight: float = field(default=1.0, metadata={"help": "Weight of L_CE (ablations)."})
+    priming_weight: float = field(default=1.0, metadata={"help": "Weight of L_prim (ablations)."})
+    coherence_weight: float = field(default=1.0, metadata={
+        "help": "Weight of R_coh inside r(...) (ablations)."})
+    feature_weight: float = field(default=1.0, metadata={
+        "help": "Weight of R_feat inside r(...) (ablations)."})
+    priming_fraction: float = field(default=1.0, metadata={
+        "help": "Prime the first ceil(fraction x L) taps (paper S4; 1 = all taps, as LEAPS)."})
+    coherence_margin: float | None = field(default=None, metadata={
+        "help": "delta of R_coh (default: measured on the stimuli, their mean distance between "
+                "non-consecutive frames)."})
+    first_norm_weight: float = field(default=10.0, metadata={
+        "help": "R_feat weight of the verifier's first norm layer (the others weigh 1)."})
+    jitter: float = field(default=0.125, metadata={
+        "help": "Random spatial roll each step, up to this fraction of the crop size."})
+    flip: str = field(default="auto", metadata={
+        "help": "Horizontal flip each step: on, off, swap (flip and swap the target with its "
+                "mirror class), auto (swap where the label set declares mirrors, else on)."})
+    samples: int = field(default=1, metadata={"help": "Clips synthesized per target."})
+    seed: int = field(default=0, metadata={"help": "Seed of the initial noise and the jitter."})
+    log_every: int = field(default=25, metadata={
+        "help": "Steps between loss logs (the only host synchronisation in the loop)."})
+    save_every: int = field(default=100, metadata={
+        "help": "Steps between saves of the resumable state (also saved on Ctrl-C)."})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu, cuda:N."})
+    channels_last: bool = field(default=False, metadata={"help": "Use channels_last_3d memory."})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model."})
+
+    def with_registry_defaults(self, lambda_1: float, lambda_L: float, r: float) -> InvertConfig:
+        return replace(self,
+                       lambda_1=lambda_1 if self.lambda_1 is None else self.lambda_1,
+                       lambda_L=lambda_L if self.lambda_L is None else self.lambda_L,
+                       r=r if self.r is None else self.r)
+
+    def validate(self) -> None:
+        if self.iterations < 1:
+            raise LeapsError(f"iterations must be >= 1, got {self.iterations}")
+        if self.flip not in FLIP_MODES:
+            raise LeapsError(f"flip must be one of {', '.join(FLIP_MODES)}, got {self.flip!r}")
+        if not 0 < self.priming_fraction <= 1:
+            raise LeapsError(f"priming fraction must be in (0, 1], got {self.priming_fraction}")
+        if self.samples < 1:
+            raise LeapsError(f"samples must be >= 1, got {self.samples}")
+        if not 0 <= self.warmup < 1:
+            raise LeapsError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InvertConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+TERMS = ("total", "ce", "priming", "coherence", "feature", "target_prob")
+
+
+@dataclass
+class InversionState:
+    """What a resumed run needs to continue exactly where it stopped."""
+
+    step: int
+    video: Tensor
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: Any
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LeapsError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LeapsError("CUDA was asked for but is not available; use --device cpu or auto")
+    return device
+
+
+def resample(video: Tensor, frames: int, size: int) -> Tensor:
+    """Trilinear resize of ``[B, 3, T, H, W]`` to another model's input size (differentiable)."""
+    if video.shape[2:] == (frames, size, size):
+        return video
+    return F.interpolate(video, size=(frames, size, size), mode="trilinear", align_corners=False)
+
+
+def cosine_with_warmup(iterations: int, warmup: float) -> Callable[[int], float]:
+    warm = max(1, int(round(iterations * warmup))) if warmup > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, iterations - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@dataclass
+class Priming:
+    """Stimulus-side constants, computed once before the loop."""
+
+    embeddings: list[Tensor]          # per primed tap: [B, C] (per synthesized sample)
+    flipped_embeddings: list[Tensor]  # same, for the horizontally flipped stimuli
+    weights: Tensor                   # lambda_l of the primed taps
+    margin: Tensor                    # delta of R_coh
+    norm_targets: list[tuple[Tensor, Tensor]]  # verifier norm-layer stats to match
+    stimulus_predictions: list[list[int]]      # per target: the model's top-1 per stimulus
+
+
+class Inverter:
+    """Synthesizes ``samples`` clips per target class from ``model``, primed by ``stimuli``.
+
+    ``stimuli[i]`` is a ``[N_i, 3, T, H, W]`` batch in [0, 1] for ``targets[i]`` (several
+    stimuli = multi-stimulus priming: their mean embedding). ``verifier`` is another
+    VideoClassifier, ``"self"`` or ``None``.
+    """
+
+    def __init__(self, model: VideoClassifier, targets: Sequence[int], stimuli: Sequence[Tensor],
+                 config: InvertConfig, verifier: VideoClassifier | str | None = None,
+                 mirrors: Sequence[tuple[str, str]] = ()) -> None:
+        config.validate()
+        if None in (config.lambda_1, config.lambda_L, config.r):
+            raise LeapsError("lambda_1, lambda_L and r must be set (registry defaults)")
+        if len(stimuli) != len(targets):
+            raise ValueError("one stimulus batch per target")
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device).eval()
+        self.share_pass = verifier == "self"
+        self.verifier: VideoClassifier | None = (
+            self.model if self.share_pass else
+            verifier.to(self.device).eval() if isinstance(verifier, VideoClassifier) else None)
+        for module in {self.model, self.verifier} - {None}:
+            module.requires_grad_(False)
+            if config.channels_last:
+                module.to(memory_format=torch.channels_last_3d)
+        self.targets = list(targets)
+        per_sample = torch.tensor(self.targets).repeat_interleave(config.samples)
+        self.y = per_sample.to(self.device)
+        self.flip_mode = config.flip if config.flip != "auto" else ("swap" if mirrors else "on")
+        mirror_of = {a: b for a, b in mirrors} | {b: a for a, b in mirrors}
+        labels = model.labels
+        self.y_flipped = torch.tensor([
+            labels.index(mirror_of[labels[t]]) if labels[t] in mirror_of else t
+            for t in per_sample.tolist()], device=self.device)
+        taps = model.taps
+        primed = max(1, math.ceil(config.priming_fraction * len(taps)))
+        self.primed_taps = taps[:primed]
+        self.tap_recorder = TapRecorder(self.primed_taps, frames_of=taps[-1])
+        self.norm_layers: list[NormLayer] = self.verifier.norm_layers if self.verifier else []
+        self.norm_recorder = NormStatsRecorder(self.norm_layers) if self.norm_layers else None
+        self.norm_weights = losses.feature_stats_weights(
+            len(self.norm_layers), config.first_norm_weight).to(self.device)
+        self.priming = self._prime([s.to(self.device) for s in stimuli])
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                       enabled=self.device.type == "cuda")
+        self.forward = torch.compile(self.model) if config.compile else self.model
+
+    # -- before the loop ---------------------------------------------------------------
+    @torch.no_grad()
+    def _prime(self, stimuli: list[Tensor]) -> Priming:
+        config = self.config
+        samples = config.samples
+        per_target, per_target_flipped, predictions, frames = [], [], [], []
+        for batch in stimuli:
+            self.tap_recorder.reset()
+            logits = self.model(batch)
+            predictions.append(logits.argmax(dim=1).tolist())
+            per_target.append([e.mean(dim=0) for e in self.tap_recorder.collected()])
+            frames.append(self.tap_recorder.frames)
+            self.tap_recorder.reset()
+            self.model(batch.flip(-1))
+            per_target_flipped.append([e.mean(dim=0) for e in self.tap_recorder.collected()])
+
+        def per_sample(groups: list[list[Tensor]]) -> list[Tensor]:
+            return [torch.stack([g[l] for g in groups]).repeat_interleave(samples, dim=0)
+                    for l in range(len(self.primed_taps))]
+
+        margin = (torch.tensor(float(config.coherence_margin), device=self.device)
+                  if config.coherence_margin is not None else
+                  losses.coherence_margin(torch.cat(frames)))
+        weights = losses.priming_weights(len(self.model.taps), config.lambda_1, config.lambda_L)
+        return Priming(per_sample(per_target), per_sample(per_target_flipped),
+                       weights[:len(self.primed_taps)].to(self.device), margin,
+                       self._norm_targets(stimuli), predictions)
+
+    def _norm_targets(self, stimuli: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """Running stats where the verifier has them; otherwise estimated from the stimuli (a
+        BN-free verifier, which the paper's method could not use)."""
+        if not self.norm_layers:
+            return []
+        if all(layer.has_stats for layer in self.norm_layers):
+            return [(layer.running_mean.float(), layer.running_var.float())
+                    for layer in self.norm_layers]
+        spec = self.verifier.spec  # type: ignore[union-attr]
+        clips = torch.cat([resample(s, spec.frames, spec.size) for s in stimuli])
+        assert self.norm_recorder is not None
+        self.norm_recorder.reset()
+        self.verifier(clips)  # type: ignore[misc]
+        return [(m.detach(), v.detach()) for m, v in self.norm_recorder.collected()]
+
+    def initial_state(self) -> InversionState:
+        generator = torch.Generator().manual_seed(self.config.seed)
+        spec = self.model.spec
+        video = torch.rand((len(self.y), *spec.shape), generator=generator).to(self.device)
+        optimizer, scheduler = self._optimizer(video)
+        return InversionState(0, video, optimizer.state_dict(), scheduler.state_dict(),
+                              random.Random(self.config.seed).getstate(),
+                              {term: [] for term in TERMS})
+
+    def _optimizer(self, video: Tensor) -> tuple[torch.optim.Optimizer, Any]:
+        optimizer = torch.optim.Adam([video], lr=self.config.lr, betas=(0.5, 0.9))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, cosine_with_warmup(self.config.iterations, self.config.warmup))
+        return optimizer, scheduler
+
+    # -- one step ----------------------------------------------------------------------
+    def objective(self, video: Tensor, flip: bool) -> dict[str, Tensor]:
+        """All loss terms for one (jittered, maybe flipped) view of x*; no host sync."""
+        config = self.config
+        swap = flip and self.flip_mode == "swap"
+        target = self.y_flipped if swap else self.y
+        stimulus = self.priming.flipped_embeddings if swap else self.priming.embeddings
+        self.tap_recorder.reset()
+        if self.norm_recorder is not None:
+            self.norm_recorder.reset()
+        with self.autocast:
+            logits = self.forward(video)
+            if self.verifier is not None and not self.share_pass:
+                spec = self.verifier.spec
+                self.verifier(resample(video, spec.frames, spec.size))
+        terms = {
+            "ce": losses.cross_entropy(logits, target),
+            "priming": losses.priming_loss(self.tap_recorder.collected(), stimulus,
+                                           self.priming.weights),
+            "coherence": losses.coherence_loss(self.tap_recorder.frames, self.priming.margin),
+            "feature": (losses.feature_stats_loss(self.norm_recorder.collected(),
+                                                  self.priming.norm_targets, self.norm_weights)
+                        if self.norm_recorder is not None else logits.new_zeros(())),
+        }
+        terms["total"] = (config.ce_weight * terms["ce"]
+                          + config.priming_weight * terms["priming"]
+                          + config.r * (config.coherence_weight * terms["coherence"]
+                                        + config.feature_weight * terms["feature"]))
+        probs = logits.detach().float().softmax(dim=1)
+        terms["target_prob"] = probs.gather(1, target[:, None]).mean()
+        return terms
+
+    def run(self, state: InversionState | None = None,
+            on_log: Callable[[int, dict[str, float]], None] | None = None,
+            on_save: Callable[[InversionState], None] | None = None) -> InversionState:
+        """Optimise from ``state`` (a fresh one by default) to ``config.iterations`` steps.
+
+        ``on_log(step, last_terms)`` is called every ``log_every`` steps (the only host sync);
+        ``on_save(state)`` every ``save_every`` steps and when interrupted (Ctrl-C), after
+        which KeyboardInterrupt propagates. A non-finite loss stops the run with a LeapsError
+        naming the term, after ``on_save`` got the last finite state.
+        """
+        config = self.config
+        state = state or self.initial_state()
+        video = state.video.to(self.device).requires_grad_(True)
+        optimizer, scheduler = self._optimizer(video)
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        rng = random.Random()
+        rng.setstate(state.rng)
+        history = state.history
+        pending: list[Tensor] = []
+        good = (state.step, video.detach().clone(), copy.deepcopy(optimizer.state_dict()),
+                scheduler.state_dict(), rng.getstate())
+        shift = int(round(config.jitter * self.model.spec.size))
+
+        def snapshot(step: int) -> InversionState:
+            return InversionState(step, video.detach().clone(),
+                                  copy.deepcopy(optimizer.state_dict()), scheduler.state_dict(),
+                                  rng.getstate(), copy.deepcopy(history))
+
+        def flush(step: int) -> None:
+            nonlocal good
+            if not pending:
+                return
+            rows = torch.stack(pending).cpu().tolist()  # the one sync per log interval
+            pending.clear()
+            for offset, row in enumerate(rows):
+                bad = [t for t, v in zip(TERMS, row) if not math.isfinite(v)]
+                if bad:
+                    failed_at = step - len(rows) + offset + 1
+                    g_step, g_video, g_opt, g_sched, g_rng = good
+                    if on_save is not None:
+                        on_save(InversionState(g_step, g_video, g_opt, g_sched, g_rng, history))
+                    raise LeapsError(
+                        f"the loss diverged at step {failed_at}: {', '.join(bad)} became "
+                        f"non-finite; the last good state (step {g_step}) is kept; lower --lr "
+                        "or the weight of that term")
+                for term, value in zip(TERMS, row):
+                    history[term].append(value)
+            good = (step, video.detach().clone(), copy.deepcopy(optimizer.state_dict()),
+                    scheduler.state_dict(), rng.getstate())
+            if on_log is not None:
+                on_log(step, dict(zip(TERMS, rows[-1])))
+
+        step = state.step
+        try:
+            while step < config.iterations:
+                dx, dy = rng.randint(-shift, shift), rng.randint(-shift, shift)
+                flip = self.flip_mode != "off" and rng.random() < 0.5
+                view = torch.roll(video, shifts=(dy, dx), dims=(-2, -1))
+                if flip:
+                    view = view.flip(-1)
+                terms = self.objective(view, flip)
+                optimizer.zero_grad(set_to_none=True)
+                terms["total"].backward()
+                optimizer.step()
+                scheduler.step()
+                with torch.no_grad():
+                    video.clamp_(0, 1)
+                pending.append(torch.stack([terms[t].detach().float() for t in TERMS]))
+                step += 1
+                if step % config.log_every == 0 or step == config.iterations:
+                    flush(step)
+                if on_save is not None and step % config.save_every == 0:
+                    on_save(snapshot(step))
+        except KeyboardInterrupt:
+            # Keep only fully logged steps, so a resumed run repeats none and skips none.
+            g_step, g_video, g_opt, g_sched, g_rng = good
+            if on_save is not None:
+                on_save(InversionState(g_step, g_video, g_opt, g_sched, g_rng, history))
+            raise
+        return snapshot(step)
+
+    @torch.no_grad()
+    def evaluate(self, video: Tensor) -> dict[str, Any]:
+        """Target probability and top-1 of the final clips, by the model and the verifier."""
+        video = video.to(self.device)
+        probs = self.model(video).float().softmax(dim=1)
+        result: dict[str, Any] = {
+            "target_prob": probs.gather(1, self.y[:, None]).squeeze(1).tolist(),
+            "model_top1": probs.argmax(dim=1).tolist(),
+        }
+        result["model_accuracy"] = float((probs.argmax(dim=1) == self.y).float().mean())
+        if self.verifier is not None:
+            spec = self.verifier.spec
+            v_probs = self.verifier(resample(video, spec.frames, spec.size)).float().softmax(1)
+            if len(self.verifier.labels) == len(self.model.labels) and \
+                    tuple(self.verifier.labels) == tuple(self.model.labels):
+                result["verifier_top1"] = v_probs.argmax(dim=1).tolist()
+                result["verifier_accuracy"] = float((v_probs.argmax(dim=1) == self.y).float().mean())
+        return result
+
+    def close(self) -> None:
+        self.tap_recorder.close()
+        if self.norm_recorder is not None:
+            self.norm_recorder.close()
+
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def check_stimulus_predictions(inverter: Inverter, stimulus_names: Sequence[Sequence[str]],
+                               on_warning: Callable[[str], None] = warn) -> None:
+    """Warn about each stimulus the model does not classify as its target."""
+    labels = inverter.model.labels
+    for target, names, predicted in zip(inverter.targets, stimulus_names,
+                                        inverter.priming.stimulus_predictions):
+        for name, top1 in zip(names, predicted):
+            if top1 != target:
+                on_warning(f"stimulus {name} is classified as {labels[top1]!r}, not the target "
+                           f"{labels[target]!r}; priming with it may pull toward the wrong class")
+
+
+
+# -- the Python API ------------------------------------------------------------------------
+@dataclass
+class InversionResult:
+    """What :func:`invert` returns."""
+
+    video: Tensor                    # [B, 3, T, H, W] in [0, 1]
+    targets: list[int]               # class index per synthesized clip
+    labels: list[str]                # class name per synthesized clip
+    history: dict[str, list[float]]  # loss terms per iteration
+    metrics: dict[str, Any]
+    run_dir: Path | None
+
+
+def resolve_target(target: str | int, labels: Sequence[str]) -> int:
+    """A class given by name or index -> its index (errors name close matches)."""
+    import difflib
+
+    if isinstance(target, int) or (isinstance(target, str) and target.strip().isdigit()):
+        index = int(target)
+        if not 0 <= index < len(labels):
+            raise LeapsError(f"target index {index} is out of range: the label set has "
+                             f"{len(labels)} classes (0..{len(labels) - 1})")
+        return index
+    if target in labels:
+        return list(labels).index(target)
+    close = difflib.get_close_matches(target, list(labels), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+    raise LeapsError(f"unknown target class {target!r}; {hint}give a class name of the model's "
+                     "label set or its index")
+
+
+def group_stimuli(targets: Sequence[str | int], stimuli: Sequence[str | Path]
+                  ) -> list[list[str]]:
+    """Which stimuli prime which target.
+
+    One target: every stimulus primes it (multi-stimulus priming). Several targets: either one
+    stimulus each, in order, or stimuli written ``CLASS=PATH``.
+    """
+    named = [str(s).split("=", 1) for s in stimuli if "=" in str(s) and not Path(str(s)).exists()]
+    if named:
+        if len(named) != len(stimuli):
+            raise LeapsError("mix of CLASS=PATH and plain stimuli; give all stimuli as "
+                             "CLASS=PATH or none")
+        groups = {str(t): [] for t in targets}
+        for cls, path in named:
+            if cls not in groups:
+                raise LeapsError(f"stimulus {cls}={path} names a class that is not a target "
+                                 f"({', '.join(groups)}); add --target {cls}")
+            groups[cls].append(path)
+        empty = [t for t, paths in groups.items() if not paths]
+        if empty:
+            raise LeapsError(f"no stimulus for target(s) {', '.join(empty)}; add CLASS=PATH")
+        return [groups[str(t)] for t in targets]
+    if len(targets) == 1:
+        return [[str(s) for s in stimuli]]
+    if len(stimuli) != len(targets):
+        raise LeapsError(f"{len(targets)} targets but {len(stimuli)} stimuli: give one stimulus "
+                         "per target in order, or write them as CLASS=PATH")
+    return [[str(s)] for s in stimuli]
+
+
+def invert(model: str | None = None, *, adapter: str | None = None,
+           targets: Sequence[str | int] = (), stimuli: Sequence[str | Path] = (),
+           verifier: str | None = None, checkpoint: str | Path | None = None,
+           labels: str | Path | None = None, config: InvertConfig | None = None,
+           out: str | Path | None = None, resume: str | Path | None = None,
+           reduced: bool = False, progress: bool = True,
+           on_warning: Callable[[str], None] = warn) -> InversionResult:
+    """Synthesize clips of ``targets`` from a registry model, primed by stimulus videos.
+
+    ``model``/``adapter`` pick the registry entry; ``verifier`` is a registry model, ``"self"``,
+    ``"none"`` or None (the entry's default); ``checkpoint``/``labels`` load a fine-tuned model;
+    ``out`` is the run directory (None: no files are written); ``resume`` continues an
+    interrupted run from its directory with the options it was started with; ``reduced`` builds
+    the models at their small test size. Everything is validated before any file is written.
+    """
+    from leaps import runs
+    from leaps.adapter import sha256_file
+    from leaps.plugins import get_host
+    from leaps.registry import build_model, load_registry, missing_requirements
+    from leaps.video import read_clips
+
+    state: InversionState | None = None
+    if resume is not None:
+        run_dir: Path | None = Path(resume)
+        saved = runs.read_run(run_dir)
+        state = runs.load_state(run_dir)
+        model, adapter = saved["model"], None
+        targets, groups = saved["targets"], saved["stimuli"]
+        verifier, checkpoint, labels = saved["verifier"], saved["checkpoint"], saved["labels"]
+        reduced = saved["reduced"]
+        config = InvertConfig.from_dict(saved["config"])
+    else:
+        run_dir = Path(out) if out is not None else None
+        if not targets:
+            raise LeapsError("name at least one target class (--target CLASS)")
+        if not stimuli and (config is None or config.priming_weight > 0):
+            raise LeapsError("LEAPS primes the model with stimulus videos of the target class: "
+                             "pass --stimulus PATH (or --priming-weight 0 to invert without "
+                             "priming)")
+        groups = group_stimuli(targets, stimuli) if stimuli else [[] for _ in targets]
+    registry = load_registry()
+    spec = registry.resolve(model, adapter)
+    classifier = build_model(spec.name, checkpoint=checkpoint, labels=labels, reduced=reduced)
+    class_names = classifier.labels
+    indices = [resolve_target(t, class_names) for t in targets]
+    fs = classifier.spec
+    clips = [read_clips(group, fs.frames, fs.size) if group else
+             torch.zeros(1, *fs.shape) for group in groups]
+    verifier_name = spec.verifier if verifier is None else verifier
+    if verifier_name == "self":
+        verifier_model: VideoClassifier | str | None = "self"
+    elif verifier_name == "none":
+        verifier_model = None
+    else:
+        reason = missing_requirements(registry.get(verifier_name))
+        if reason:
+            raise LeapsError(f"verifier {verifier_name!r} is not usable here: {reason}; pick "
+                             "another with --verifier (or self/none)")
+        verifier_model = build_model(verifier_name, reduced=reduced)
+    config = (config or InvertConfig()).with_registry_defaults(
+        spec.leaps.lambda_1, spec.leaps.lambda_L, spec.leaps.r)
+    config.validate()
+    mirrors = [(a, b) for a, b in spec.mirrors if a in class_names and b in class_names]
+    inverter = Inverter(classifier, indices, clips, config, verifier_model, mirrors)
+    if state is None:
+        check_stimulus_predictions(inverter, groups, on_warning)
+
+    record: dict[str, Any] = {
+        "status": "running", "adapter": spec.adapter, "model": spec.name,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "checkpoint_sha256": (sha256_file(checkpoint)
+                              if checkpoint and Path(str(checkpoint)).is_file() else None),
+        "labels": str(labels) if labels else None, "verifier": verifier_name,
+        "reduced": reduced, "targets": [str(t) for t in targets],
+        "target_indices": indices, "target_names": [class_names[i] for i in indices],
+        "stimuli": groups, "config": asdict(config), "flip_mode": inverter.flip_mode,
+        "primed_taps": [t.name for t in inverter.primed_taps],
+        "input": {"frames": fs.frames, "size": fs.size},
+        "versions": runs.library_versions(list(get_host().adapter(spec.adapter).requires)),
+        "device": str(inverter.device),
+    }
+    if run_dir is not None and state is None:
+        runs.create_run_dir(run_dir)
+        runs.write_json(run_dir / runs.RUN_FILE, record)
+
+    def on_save(snapshot: InversionState) -> None:
+        if run_dir is not None:
+            runs.save_state(run_dir, snapshot)
+
+    per_sample = [class_names[i] for i in inverter.y.tolist()]
+    try:
+        with _progress(progress, config.iterations, state.step if state else 0) as update:
+            final = inverter.run(state, on_log=update, on_save=on_save)
+    except KeyboardInterrupt:
+        if run_dir is not None:
+            record["status"] = "interrupted"
+            runs.write_json(run_dir / runs.RUN_FILE, record)
+        raise
+    except LeapsError:
+        if run_dir is not None:
+            record["status"] = "diverged"
+            runs.write_json(run_dir / runs.RUN_FILE, record)
+        raise
+    finally:
+        inverter.close()
+    metrics = inverter.evaluate(final.video)
+    metrics["target_names"] = per_sample
+    if run_dir is not None:
+        record.update(status="done", steps=final.step, history=final.history, metrics=metrics)
+        record["files"] = runs.write_outputs(run_dir, final.video,
+                                             [c[0] for c in clips if c.abs().sum() > 0],
+                                             per_sample, final.history)
+        runs.write_json(run_dir / runs.RUN_FILE, record)
+        (run_dir / runs.STATE_FILE).unlink(missing_ok=True)
+    return InversionResult(final.video.detach().cpu(), inverter.y.tolist(), per_sample,
+                           final.history, metrics, run_dir)
+
+
+class _progress:
+    """A rich progress bar showing the loss terms and the target probability."""
+
+    def __init__(self, enabled: bool, total: int, start: int) -> None:
+        self.enabled, self.total, self.start = enabled, total, start
+        self.bar: Any = None
+
+    def __enter__(self) -> Callable[[int, dict[str, float]], None]:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+                TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("leaps"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), TextColumn("{task.fields[terms]}"),
+                                transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task("invert", total=self.total, completed=self.start,
+                                          terms="")
+
+        def update(step: int, terms: dict[str, float]) -> None:
+            if self.bar is not None:
+                text = " ".join(f"{k}={v:.3g}" for k, v in terms.items() if k != "target_prob")
+                self.bar.update(self.task, completed=step,
+                                terms=f"{text} p(target)={terms['target_prob']:.2f}")
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
