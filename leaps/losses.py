@@ -15,18 +15,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _wide(x: Tensor) -> Tensor:
+    """Half-precision activations (autocast) are reduced in float32; others keep their dtype."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     """L_CE = -log softmax(logits)[y], averaged over the batch.
 
     Computed on the model's LOGITS (the official code applied CE to softmax outputs, which
     flattens the gradient once the class is likely).
     """
-    return F.cross_entropy(logits.float(), target)
+    return F.cross_entropy(_wide(logits), target)
 
 
 def embedding_mean(features: Tensor) -> Tensor:
     """mu(z) = mean of ``[B, C, T, H, W]`` features over T, H, W -> ``[B, C]``."""
-    return features.float().mean(dim=(2, 3, 4))
+    return _wide(features).mean(dim=(2, 3, 4))
 
 
 def jvs(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
@@ -63,7 +68,7 @@ def priming_loss(embeddings: Sequence[Tensor], stimulus: Sequence[Tensor],
 
 def frame_vectors(features: Tensor) -> Tensor:
     """f_t = mean of ``[B, C, T, H, W]`` features over H, W -> ``[B, C, T]``."""
-    return features.float().mean(dim=(3, 4))
+    return _wide(features).mean(dim=(3, 4))
 
 
 def coherence_loss(frames: Tensor, margin: float | Tensor) -> Tensor:
@@ -101,7 +106,7 @@ def coherence_margin(frames: Tensor) -> Tensor:
 def channel_stats(x: Tensor, channel_dim: int) -> tuple[Tensor, Tensor]:
     """Per-channel mean and (biased) variance of a norm layer's input over all other axes."""
     dim = channel_dim % x.dim()
-    var, mean = torch.var_mean(x.float(), dim=[d for d in range(x.dim()) if d != dim],
+    var, mean = torch.var_mean(_wide(x), dim=[d for d in range(x.dim()) if d != dim],
                                unbiased=False)
     return mean, var
 

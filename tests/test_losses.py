@@ -1,0 +1,119 @@
+"""Each LEAPS term against hand-computed values, and gradchecks in double precision."""
+
+import math
+
+import pytest
+import torch
+
+from leaps import losses
+
+
+def test_jvs_identical_orthogonal_and_hand_value():
+    a = torch.tensor([[1.0, 2.0, 3.0]])
+    assert losses.jvs(a, a).item() == pytest.approx(1.0)
+    assert losses.jvs(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])).item() == 0.0
+    # a.b = 2, |a|^2 = 2, |b|^2 = 4 -> 2 / (2 + 4 - 2) = 0.5
+    value = losses.jvs(torch.tensor([[1.0, 1.0]]), torch.tensor([[2.0, 0.0]]))
+    assert value.item() == pytest.approx(0.5)
+
+
+def test_priming_weights_are_linear_from_first_to_last():
+    w = losses.priming_weights(5, 1.0, 0.2)
+    assert torch.allclose(w, torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2]))
+    assert losses.priming_weights(1, 0.75, 0.1).tolist() == [0.75]
+
+
+def test_priming_loss_zero_for_identical_embeddings_and_hand_value():
+    z = [torch.rand(2, 4), torch.rand(2, 8)]
+    weights = losses.priming_weights(2, 1.0, 0.5)
+    assert losses.priming_loss(z, z, weights).item() == pytest.approx(0.0, abs=1e-6)
+    # orthogonal at tap 1 (JVS 0), identical at tap 2: (1/L) * (1.0 * 1 + 0.5 * 0) = 0.5
+    x = [torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]])]
+    v = [torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 1.0]])]
+    assert losses.priming_loss(x, v, weights).item() == pytest.approx(0.5)
+
+
+def test_priming_loss_broadcasts_one_stimulus_embedding_over_the_batch():
+    x = [torch.tensor([[1.0, 0.0], [0.0, 1.0]])]
+    v = [torch.tensor([[1.0, 0.0]])]
+    # sample 1 identical (0), sample 2 orthogonal (1): mean 0.5
+    assert losses.priming_loss(x, v, torch.tensor([1.0])).item() == pytest.approx(0.5)
+
+
+def test_embedding_mean_and_frame_vectors():
+    f = torch.arange(2 * 3 * 4 * 2 * 2, dtype=torch.float).reshape(2, 3, 4, 2, 2)
+    assert torch.allclose(losses.embedding_mean(f), f.mean(dim=(2, 3, 4)))
+    assert losses.frame_vectors(f).shape == (2, 3, 4)
+
+
+def test_coherence_static_features_pull_zero_push_margin():
+    static = torch.ones(1, 3, 5)
+    # consecutive term 0; every non-consecutive pair at distance 0 -> hinge = margin
+    assert losses.coherence_loss(static, 0.0).item() == 0.0
+    assert losses.coherence_loss(static, 0.3).item() == pytest.approx(0.3)
+
+
+def test_coherence_hand_value():
+    # one channel, T = 3: f = [0, 1, 3]; consecutive |0-1|=1, |1-3|=2 -> mean 1.5;
+    # the one non-consecutive pair (0, 2): distance 3 -> hinge max(0, 2 - 3) = 0; with delta 5 -> 2
+    f = torch.tensor([[[0.0, 1.0, 3.0]]])
+    assert losses.coherence_loss(f, 2.0).item() == pytest.approx(1.5)
+    assert losses.coherence_loss(f, 5.0).item() == pytest.approx(3.5)
+    assert losses.coherence_loss(torch.rand(2, 4, 1), 1.0).item() == 0.0
+    assert losses.coherence_margin(f).item() == pytest.approx(3.0)
+
+
+def test_feature_stats_zero_when_batch_stats_equal_running_stats():
+    x = torch.randn(4, 3, 2, 5, 5)
+    mean, var = losses.channel_stats(x, 1)
+    assert torch.allclose(mean, x.mean(dim=(0, 2, 3, 4)), atol=1e-6)
+    assert torch.allclose(var, x.var(dim=(0, 2, 3, 4), unbiased=False), atol=1e-5)
+    w = losses.feature_stats_weights(1, 10.0)
+    assert losses.feature_stats_loss([(mean, var)], [(mean, var)], w).item() == 0.0
+
+
+def test_feature_stats_hand_value_and_first_layer_weight():
+    stats = [(torch.tensor([3.0, 0.0]), torch.tensor([1.0, 1.0])),
+             (torch.tensor([0.0]), torch.tensor([2.0]))]
+    targets = [(torch.tensor([0.0, 4.0]), torch.tensor([1.0, 1.0])),
+               (torch.tensor([0.0]), torch.tensor([1.0]))]
+    w = losses.feature_stats_weights(2, 10.0)
+    assert w.tolist() == [10.0, 1.0]
+    # layer 1: ||(3,-4)|| = 5, var 0 -> 10 * 5; layer 2: mean 0, ||1|| = 1 -> 1
+    assert losses.feature_stats_loss(stats, targets, w).item() == pytest.approx(51.0)
+
+
+def test_channel_stats_on_token_layout():
+    tokens = torch.randn(2, 7, 5)  # LayerNorm input [B, N, C]
+    mean, var = losses.channel_stats(tokens, -1)
+    assert mean.shape == (5,)
+    assert torch.allclose(mean, tokens.reshape(-1, 5).mean(0), atol=1e-6)
+
+
+def test_cross_entropy_is_on_logits():
+    logits = torch.tensor([[2.0, 0.0]])
+    expected = -math.log(math.exp(2) / (math.exp(2) + 1))
+    assert losses.cross_entropy(logits, torch.tensor([0])).item() == pytest.approx(expected)
+
+
+def test_gradcheck_terms_in_double_precision():
+    torch.manual_seed(0)
+    a = torch.rand(2, 4, dtype=torch.double, requires_grad=True)
+    b = torch.rand(1, 4, dtype=torch.double)
+    w = torch.tensor([0.7], dtype=torch.double)
+    assert torch.autograd.gradcheck(lambda x: losses.priming_loss([x], [b], w), (a,))
+    f = torch.rand(2, 3, 5, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: losses.coherence_loss(x, 0.9), (f,))
+    x = torch.randn(3, 2, 2, 3, 3, dtype=torch.double, requires_grad=True)
+    target = (torch.zeros(2, dtype=torch.double), torch.ones(2, dtype=torch.double))
+
+    def feat(inp):
+        mean, var = losses.channel_stats(inp, 1)
+        return losses.feature_stats_loss([(mean, var)], [target],
+                                         torch.tensor([2.0], dtype=torch.double))
+
+    assert torch.autograd.gradcheck(feat, (x,))
+    tokens = torch.randn(2, 3, 4, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda t: losses.priming_loss([losses.embedding_mean(t[..., None, None])], [b[:, :3]], w),
+        (tokens,))
