@@ -1,0 +1,232 @@
+"""End-to-end inversion on a small real model trained here, resume equivalence, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from leaps import runs
+from leaps.adapter import Adapter, Tap
+from leaps.datasets import make_dataset
+from leaps.errors import LeapsError
+from leaps.hookspecs import hookimpl
+from leaps.invert import Inverter, InvertConfig, invert
+from leaps.registry import build_model, load_registry
+from leaps.testing import registered_plugin
+from leaps.video import write_mp4
+
+CLASSES = ("left", "right", "up", "down")
+
+
+def _block(cin: int, cout: int, stride: tuple[int, int, int]) -> nn.Module:
+    return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False),
+                         nn.BatchNorm3d(cout), nn.ReLU())
+
+
+class TinyMotion3D(Adapter):
+    """A four-block 3D CNN with BatchNorm: small enough to train in seconds."""
+
+    name = "testmotion.tiny3d"
+
+    def create(self, arch, num_classes, spec):
+        return nn.Sequential(_block(3, 16, (1, 2, 2)), _block(16, 32, (1, 2, 2)),
+                             _block(32, 32, (2, 2, 2)), _block(32, 64, (1, 1, 1)),
+                             nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(64, num_classes))
+
+    def taps(self, net, arch, spec):
+        return [Tap(f"block{i}", net[i]) for i in range(4)]
+
+
+class MotionPlugin:
+    @hookimpl
+    def leaps_register_adapters(self, register):
+        register(TinyMotion3D)
+
+    @hookimpl
+    def leaps_register_models(self, register):
+        register({"models": {"testmotion.tiny3d": {
+            "adapter": "testmotion.tiny3d",
+            "input": {"frames": 8, "size": 32, "mean": [0.5, 0.5, 0.5],
+                      "std": [0.25, 0.25, 0.25]},
+            "labels": list(CLASSES),
+            "verifier": "self",
+            "leaps": {"lambda_1": 1.0, "lambda_L": 0.2, "r": 1e-3},
+            "mirrors": [["left", "right"]],
+            "opposites": [["left", "right"], ["up", "down"]],
+        }}})
+
+
+@pytest.fixture(scope="module")
+def motion(tmp_path_factory):
+    """The plugin registered, a model trained on the motion data, stimuli written as mp4."""
+    root = tmp_path_factory.mktemp("motion")
+    with registered_plugin(MotionPlugin(), "testmotion"):
+        torch.manual_seed(0)
+        model = build_model("testmotion.tiny3d")
+        videos, labels, _ = make_dataset(64, classes=CLASSES)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(10):
+            model.train()
+            for batch in torch.randperm(len(videos)).split(32):
+                loss = nn.functional.cross_entropy(model(videos[batch]), labels[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        model.eval()
+        checkpoint = root / "tiny3d.pth"
+        TinyMotion3D().save_checkpoint(model.net, checkpoint)
+        stimuli, stimulus_labels, _ = make_dataset(1, classes=CLASSES, seed=7)
+        paths = {}
+        for clip, label in zip(stimuli, stimulus_labels):
+            paths[CLASSES[label]] = write_mp4(clip, root / f"{CLASSES[label]}.mp4")
+        yield {"root": root, "checkpoint": checkpoint, "stimuli": paths}
+
+
+def short(**overrides) -> InvertConfig:
+    return InvertConfig(**{"iterations": 40, "lr": 0.1, "log_every": 10, **overrides})
+
+
+def test_inversion_reaches_the_target_and_writes_the_run(motion, tmp_path):
+    out = tmp_path / "run"
+    result = invert("testmotion.tiny3d", targets=["right", "up"],
+                    stimuli=[motion["stimuli"]["right"], motion["stimuli"]["up"]],
+                    checkpoint=motion["checkpoint"], config=short(), out=out, progress=False)
+    assert result.labels == ["right", "up"]
+    assert result.metrics["model_accuracy"] == 1.0, result.metrics
+    assert min(result.metrics["target_prob"]) > 0.5
+    assert result.video.shape == (2, 3, 8, 32, 32)
+    assert 0 <= result.video.min() and result.video.max() <= 1
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "done" and record["steps"] == 40
+    assert record["flip_mode"] == "swap"  # the label set declares left/right mirrors
+    assert record["checkpoint_sha256"] and record["versions"]["torch"]
+    assert len(record["history"]["priming"]) == 40
+    assert set(record["config"]) >= {"lambda_1", "lambda_L", "r", "seed", "lr"}
+    for name in ("video.pt", "grid.png", "loss.png", "sample_0_right.gif", "sample_1_up.mp4"):
+        assert (out / name).is_file(), name
+    assert not (out / "state.pt").exists()
+    assert torch.equal(torch.load(out / "video.pt", weights_only=True), result.video)
+
+
+def test_priming_pulls_tap_embeddings_toward_the_stimulus(motion):
+    """With priming on, the synthesized clip's tap embeddings end up closer to the stimulus."""
+    from leaps.losses import jvs
+    from leaps.testing import capture_taps
+    from leaps.video import read_clip
+
+    stimulus = read_clip(motion["stimuli"]["down"], 8, 32)[None]
+    similarity = {}
+    for weight in (0.0, 1.0):
+        result = invert("testmotion.tiny3d", targets=["down"], stimuli=[motion["stimuli"]["down"]],
+                        checkpoint=motion["checkpoint"],
+                        config=short(priming_weight=weight, iterations=60), progress=False)
+        model = build_model("testmotion.tiny3d", checkpoint=motion["checkpoint"])
+        with torch.no_grad():
+            _, synth, _ = capture_taps(model, result.video)
+            _, real, _ = capture_taps(model, stimulus)
+        similarity[weight] = float(sum(jvs(s.mean(dim=(2, 3, 4)), r.mean(dim=(2, 3, 4)))
+                                       for s, r in zip(synth, real)))
+    assert similarity[1.0] > similarity[0.0], similarity
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(motion, tmp_path):
+    model = build_model("testmotion.tiny3d", checkpoint=motion["checkpoint"])
+    from leaps.video import read_clips
+
+    clips = [read_clips([motion["stimuli"]["left"]], 8, 32)]
+    config = short(iterations=30, log_every=5, save_every=5, lambda_1=1.0, lambda_L=0.2, r=1e-3)
+    whole = Inverter(model, [0], clips, config, "self").run()
+
+    def interrupt(step, _terms):
+        if step == 15:
+            raise KeyboardInterrupt
+
+    first = Inverter(model, [0], clips, config, "self")
+    with pytest.raises(KeyboardInterrupt):
+        first.run(on_log=interrupt, on_save=lambda s: runs.save_state(tmp_path, s))
+    first.close()
+    state = runs.load_state(tmp_path)
+    assert state.step == 15 and len(state.history["total"]) == 15
+    resumed = Inverter(model, [0], clips, config, "self").run(state)
+    assert torch.equal(resumed.video, whole.video)
+    assert resumed.history == whole.history
+
+
+def test_nan_loss_stops_naming_the_term_and_keeps_the_last_good_state(motion, tmp_path):
+    saved = []
+    model = build_model("testmotion.tiny3d", checkpoint=motion["checkpoint"])
+    config = short(coherence_margin=float("nan"), lambda_1=1.0, lambda_L=0.2, r=1e-3)
+    from leaps.video import read_clips
+
+    inverter = Inverter(model, [1], [read_clips([motion["stimuli"]["right"]], 8, 32)], config,
+                        "self")
+    with pytest.raises(LeapsError, match="coherence"):
+        inverter.run(on_save=saved.append)
+    assert saved and saved[-1].step == 0 and torch.isfinite(saved[-1].video).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"targets": ["rigth"]}, "did you mean 'right'"),
+    ({"targets": ["9"]}, "out of range"),
+    ({"targets": []}, "at least one target"),
+    ({"stimuli": ["missing.mp4"]}, "missing.mp4"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(motion, tmp_path, kwargs, message):
+    args = {"targets": ["right"], "stimuli": [motion["stimuli"]["right"]],
+            "checkpoint": motion["checkpoint"], **kwargs}
+    out = tmp_path / "run"
+    with pytest.raises(LeapsError, match=message) as info:
+        invert("testmotion.tiny3d", config=short(), out=out, progress=False, **args)
+    assert "\n" not in str(info.value)
+    assert not out.exists()
+
+
+def test_corrupt_stimulus_and_wrong_checkpoint(motion, tmp_path):
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00not a video" * 100)
+    with pytest.raises(LeapsError, match="corrupt.mp4"):
+        invert("testmotion.tiny3d", targets=["left"], stimuli=[corrupt], config=short(),
+               progress=False)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\nc\n")
+    with pytest.raises(LeapsError, match="--labels"):
+        invert("testmotion.tiny3d", targets=["a"], stimuli=[motion["stimuli"]["left"]],
+               checkpoint=motion["checkpoint"], labels=labels, config=short(), progress=False)
+
+
+def test_existing_output_directory_is_never_overwritten(motion, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(LeapsError, match="already exists"):
+        invert("testmotion.tiny3d", targets=["left"], stimuli=[motion["stimuli"]["left"]],
+               checkpoint=motion["checkpoint"], config=short(), out=out, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_cli_reports_bad_input_on_one_line_with_exit_2(tmp_path):
+    missing = tmp_path / "nope.mp4"
+    proc = subprocess.run(
+        [sys.executable, "-m", "leaps.cli", "invert", "--model", "torchvision.r3d_18",
+         "--reduced", "--target", "abseiling", "--stimulus", str(missing),
+         "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+    proc = subprocess.run([sys.executable, "-m", "leaps.cli", "invert", "--model",
+                           "torchvision.r3d_18", "--reduced", "--target", "abseilin",
+                           "--stimulus", str(missing)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "did you mean 'abseiling'" in proc.stderr
+
+
+def test_registry_defaults_fill_the_config():
+    spec = load_registry().get("torchvision.r2plus1d_18")
+    config = InvertConfig(r=0.5).with_registry_defaults(**vars(spec.leaps))
+    assert (config.lambda_1, config.lambda_L, config.r) == (0.75, 0.1, 0.5)
