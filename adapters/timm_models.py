@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -120,7 +121,7 @@ class FramesAdapter(Adapter):
     """A timm image model applied frame by frame; clip logits are the mean over frames."""
 
     name = "timm.frames"
-    requires = {"timm": "timm"}
+    requires: ClassVar[dict[str, str]] = {"timm": "timm"}
     checkpoint_format = ("a timm state dict (.pth/.bin by torch.save, or .safetensors), or a "
                          "training checkpoint nesting one under 'state_dict'/'state_dict_ema' "
                          "(strip pickled training args first with timm's clean_checkpoint.py)")

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from leaps_adapters.timm_models import FramesAdapter, pretrained_input
 
 from leaps.adapter import VideoClassifier
 from leaps.errors import LeapsError
 from leaps.registry import LeapsParams, ModelSpec, build_model, load_registry
 from leaps.testing import AdapterConformance, reduced_input
-from leaps_adapters.timm_models import FramesAdapter, pretrained_input
 
 timm = pytest.importorskip("timm")
 
