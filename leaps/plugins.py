@@ -83,7 +83,8 @@ class PluginHost:
         unknown = self._unknown_hooks(plugin)
         if unknown:
             self.pm.unregister(plugin)
-            known = [h for h in dir(self.pm.hook) if h.startswith("leaps_")]
+            known = [h for h in dir(self.pm.hook)
+                     if h.startswith("leaps_") and getattr(self.pm.hook, h).has_spec()]
             hints = []
             for hook in unknown:
                 close = difflib.get_close_matches(hook, known, n=1)
@@ -105,6 +106,7 @@ class PluginHost:
         try:
             caller(register=register)
         except LeapsError:
+            self.remove(plugin, info)
             raise
         except Exception as exc:
             self.remove(plugin, info)

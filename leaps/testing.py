@@ -106,6 +106,7 @@ def check_tap_gradients(model: VideoClassifier) -> None:
     video = reduced_input(model).requires_grad_(True)
     _, videos, _ = capture_taps(model, video)
     for tap, out in zip(model.taps, videos):
+        assert out.requires_grad, f"{model.model_name}: tap {tap.name} is detached from the input"
         (grad,) = torch.autograd.grad(out.float().pow(2).mean(), video, retain_graph=True,
                                       allow_unused=True)
         assert grad is not None and grad.abs().sum() > 0, (
