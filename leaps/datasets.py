@@ -118,3 +118,24 @@ def make_dataset(count_per_class: int, frames: int = 8, size: int = 32, seed: in
     labels = torch.tensor([classes.index(MOTION_CLASSES[c.label]) for c in clips])
     masks = torch.stack([c.mask for c in clips])
     return videos, labels, masks
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m leaps.datasets --write clip.mp4 --label right``: write one clip as a video."""
+    import argparse
+
+    from leaps.video import write_mp4
+
+    parser = argparse.ArgumentParser(description="Write a synthetic motion clip as a video.")
+    parser.add_argument("--write", required=True, help="output .mp4 path")
+    parser.add_argument("--label", choices=MOTION_CLASSES, default="right")
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--size", type=int, default=112)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    clip = make_clip(args.label, args.frames, args.size, args.seed)
+    print(write_mp4(clip.video, args.write))
+
+
+if __name__ == "__main__":
+    main()
