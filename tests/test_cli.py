@@ -18,8 +18,7 @@ TABLE_S1 = {  # the paper's Table S1: lambda_1, lambda_L, r
     "3D R50": (1.0, 0.3, 7.5e-3), "(2+1)D R50": (0.75, 0.1, 5e-3), "CSN R50": (1.0, 0.2, 5e-3),
     "X3D XS": (1.0, 0.2, 1e-3), "X3D S": (1.0, 0.1, 1e-3), "X3D M": (0.75, 0.1, 1e-3),
     "X3D L": (0.75, 0.1, 1e-3), "TimeSformer": (1.0, 0.2, 2.5e-3),
-    "Video Swin-T": (0.75, 0.2, 1e-3), "Video Swin-S": (0.75, 0.1, 1e-3),
-    "Video Swin-B": (0.625, 0.1, 1e-3), "MViTv2-S": (0.75, 0.1, 2.5e-3),
+    "Swin-T": (0.75, 0.2, 1e-3), "Swin-S": (0.75, 0.1, 1e-3), "Swin-B": (0.625, 0.1, 1e-3), "MViTv2-S": (0.75, 0.1, 2.5e-3),
     "MViTv2-B": (0.75, 0.1, 1e-3), "rev-MViT-B": (0.625, 0.1, 5e-3),
     "UniFormerV2-B": (1.0, 0.2, 2.5e-3), "UniFormerV2-L": (1.0, 0.1, 1e-3),
 }
@@ -36,12 +35,14 @@ def _normal(name: str) -> str:
 
 def test_paper_models_carry_table_s1_hyperparameters():
     specs = [s for s in load_registry().models.values() if s.paper]
-    by_paper = {_normal(s.paper): s for s in specs}
-    for paper, values in TABLE_S1.items():
-        spec = by_paper.get(_normal(paper))
-        if spec is None:
-            continue  # the families' adapters contribute these entries
-        assert (spec.leaps.lambda_1, spec.leaps.lambda_L, spec.leaps.r) == values, spec.name
+    table = {_normal(name): values for name, values in TABLE_S1.items()}
+    assert {_normal(s.paper) for s in specs} == set(table), "every Table S1 model, no other"
+    for spec in specs:
+        assert (spec.leaps.lambda_1, spec.leaps.lambda_L, spec.leaps.r) == table[
+            _normal(spec.paper)], spec.name
+    usable = [s for s in specs if missing_requirements(s) is None]
+    assert len(specs) == 17 and len(usable) == 16  # X3D-M from two libraries; rev-MViT absent
+    assert "reversible" in missing_requirements(load_registry().get("mmaction.rev_mvit_b"))
 
 
 def test_models_lists_usable_entries_with_input_specs():
