@@ -4,6 +4,7 @@ hub builder's; pytorchvideo's hub checkpoint format loads, and bad checkpoints f
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,6 +17,9 @@ from leaps.registry import build_model, load_registry
 from leaps.testing import AdapterConformance
 
 pytest.importorskip("pytorchvideo")
+# pytorchvideo 0.1.5's own deprecated calls (its Swish autograd function, its torch.jit use).
+pytestmark = [pytest.mark.filterwarnings("ignore:'saved_variables' is deprecated"),
+              pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")]
 
 PYTORCHVIDEO = [name for name, spec in load_registry().models.items()
                 if spec.adapter.startswith("pytorchvideo.")]
@@ -33,6 +37,17 @@ HUB = {
     "pytorchvideo.mvit_base_16x4": "mvit_base_16x4",
     "pytorchvideo.mvit_base_32x3": "mvit_base_32x3",
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Reduced models have tiny tensors, so intra-op threads only add overhead; on a shared
+    2-core machine OpenMP's waiting workers made the per-tap backward passes of the
+    conformance suite 10-20x slower (X3D-L: 7 s with one thread, 138 s with two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class TestPytorchvideoConformance(AdapterConformance):
