@@ -28,8 +28,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -83,8 +83,10 @@ class PytorchvideoAdapter(Adapter):
         accepted = set(inspect.signature(build).parameters)
         for key in arch:
             if key in managed:
-                raise LeapsError(f"{self.name}: arch sets {key!r}, which the adapter derives "
-                                 "from the label set and the input size; remove it from arch")
+                raise LeapsError(f"{self.name}: arch sets {key!r}, which the adapter sets "
+                                 "itself (classifier size from the label set, logits without "
+                                 "an output activation, input size from the entry's input); "
+                                 "remove it from arch")
             if key not in accepted:
                 close = difflib.get_close_matches(key, sorted(accepted), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""

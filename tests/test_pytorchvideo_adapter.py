@@ -262,5 +262,5 @@ def test_unknown_arch_argument_is_a_clear_error() -> None:
     adapter = get_host().adapter("pytorchvideo.x3d")()
     with pytest.raises(LeapsError, match="'input_crop_sise'.*did you mean 'input_crop_size'"):
         adapter.create({"input_crop_sise": 64}, 400, spec.input_spec())
-    with pytest.raises(LeapsError, match="'model_num_class'.*derives"):
+    with pytest.raises(LeapsError, match="'model_num_class'.*sets itself"):
         adapter.create({"model_num_class": 10}, 400, spec.input_spec())
