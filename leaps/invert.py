@@ -590,7 +590,7 @@ def invert(model: str | None = None, *, adapter: str | None = None,
     if run_dir is not None:
         record.update(status="done", steps=final.step, history=final.history, metrics=metrics)
         record["files"] = runs.write_outputs(run_dir, final.video,
-                                             [c[0] for c in clips if c.abs().sum() > 0],
+                                             [c[0] for c, group in zip(clips, groups) if group],
                                              per_sample, final.history)
         runs.write_json(run_dir / runs.RUN_FILE, record)
         (run_dir / runs.STATE_FILE).unlink(missing_ok=True)

@@ -67,7 +67,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
 
 def create_run_dir(path: Path) -> Path:
     """Create a new, empty run directory; never reuse an existing one silently."""
-    if path.exists() and any(path.iterdir()) if path.is_dir() else path.exists():
+    if path.is_file() or (path.is_dir() and any(path.iterdir())):
         raise LeapsError(f"output directory {path} already exists; pass another --out, or "
                          f"--resume {path} to continue that run")
     path.mkdir(parents=True, exist_ok=True)
