@@ -12,8 +12,34 @@ import click
 from leaps.errors import LeapsError
 
 
+# Commands defined in their own modules, imported only when run (keeps `leaps --help` fast).
+LAZY_COMMANDS = {
+    "explain": "leaps.explain:explain",
+    "evaluate": "leaps.evaluate:evaluate",
+    "report": "leaps.report:report",
+    "train-demo": "leaps.demo:train_demo",
+}
+
+
 class LeapsGroup(click.Group):
-    """Turns a LeapsError into one ``error:`` line on stderr and exit code 2."""
+    """Turns a LeapsError into one ``error:`` line on stderr and exit code 2.
+
+    Commands named in LAZY_COMMANDS are imported when first used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        available = [name for name, target in LAZY_COMMANDS.items()
+                     if _module_exists(target.split(":")[0])]
+        return sorted([*super().list_commands(ctx), *available])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is None and name in LAZY_COMMANDS:
+            module_name, attr = LAZY_COMMANDS[name].split(":")
+            if _module_exists(module_name):
+                import importlib
+
+                command = getattr(importlib.import_module(module_name), attr)
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -21,6 +47,12 @@ class LeapsGroup(click.Group):
         except LeapsError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
+
+
+def _module_exists(name: str) -> bool:
+    from importlib.util import find_spec
+
+    return find_spec(name) is not None
 
 
 @click.group(cls=LeapsGroup, context_settings={"help_option_names": ["-h", "--help"]})
