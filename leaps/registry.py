@@ -357,7 +357,8 @@ def build_model(model: str | None = None, *, adapter: str | None = None,
                 reduced: bool = False, device: str | None = None) -> VideoClassifier:
     """Build a registry model (by name, or an adapter's default) as a VideoClassifier.
 
-    ``checkpoint`` loads weights (a path; ``"registry"`` for the entry's own checkpoint);
+    ``checkpoint`` loads weights (a path; ``"registry"`` for the entry's own checkpoint, which
+    is also the default for an entry that ships its weights as a file: the demo zoo);
     ``labels`` (a label file) replaces the entry's classes for a fine-tuned model;
     ``reduced`` builds the entry at its small test size.
     """
@@ -370,7 +371,7 @@ def build_model(model: str | None = None, *, adapter: str | None = None,
     if reduced:
         spec = spec.at_reduced_size()
     label_names = load_labels(str(labels)) if labels is not None else None
-    if checkpoint == "registry":
+    if checkpoint == "registry" or (checkpoint is None and spec.checkpoint_path() is not None):
         checkpoint = fetch_checkpoint(spec)
     classifier = get_host().adapter(spec.adapter)().build(spec, checkpoint, label_names)
     if device is not None:
