@@ -41,7 +41,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from leaps.adapter import (
@@ -231,6 +230,9 @@ class MmactionAdapter(Adapter):
     checkpoint_format: ClassVar[str] = (
         "an mmengine checkpoint ({'meta': ..., 'state_dict': recognizer weights}) as mmaction2 "
         "publishes and trains them, or a plain state dict with the recognizer's keys")
+    # Official and trained checkpoints carry mmengine's training bookkeeping beside the
+    # weights; it unpickles as inert placeholders, so loading stays weights_only.
+    checkpoint_safe_globals: ClassVar[list[Any]] = _BOOKKEEPING_GLOBALS
     backbones: ClassVar[tuple[str, ...]] = ()
     size_options: ClassVar[dict[str, tuple[str, ...]]] = {}
 
@@ -338,12 +340,6 @@ class MmactionAdapter(Adapter):
         return net(inputs, mode="tensor", stage="head")
 
     # -- checkpoints ----------------------------------------------------------------------
-    def load_checkpoint(self, net: nn.Module, path: str | Path) -> None:
-        """Load as every adapter does (``weights_only``), with mmengine's training bookkeeping
-        turned into inert placeholders so that official and trained checkpoints load."""
-        with torch.serialization.safe_globals(_BOOKKEEPING_GLOBALS):
-            super().load_checkpoint(net, path)
-
     def state_dict_from_checkpoint(self, obj: Any) -> dict[str, Tensor]:
         """``obj["state_dict"]`` of an mmengine checkpoint (or a bare state dict), with the
         ``module.`` prefix of distributed training removed as mmengine's loader does."""

@@ -17,6 +17,7 @@ default that fits most families. ``docs/writing_adapters.md`` walks through a co
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
@@ -165,11 +166,18 @@ class Adapter:
       requires: importable module -> pip extra that provides it; ``leaps models`` reports an
         entry as unusable (with the ``pip install`` line) while a module is missing.
       checkpoint_format: a short description of the native checkpoint format it loads.
+      checkpoint_safe_globals: what ``torch.load(weights_only=True)`` may unpickle besides
+        tensors and containers - the family's checkpoints carry more than weights (training
+        bookkeeping such as numpy scalars or a library's own classes). Entries are what
+        ``torch.serialization.safe_globals`` takes: a class or function, or a
+        ``(stand_in, "module.qualname")`` pair that unpickles the named global as ``stand_in``
+        (an inert placeholder keeps the library's code from running).
     """
 
     name: ClassVar[str] = ""
     requires: ClassVar[dict[str, str]] = {}
     checkpoint_format: ClassVar[str] = "a state dict saved by torch.save (.pth) or safetensors"
+    checkpoint_safe_globals: ClassVar[list[Any]] = []
 
     # -- what a family implements ------------------------------------------------------
     def create(self, arch: dict[str, Any], num_classes: int, spec: InputSpec) -> nn.Module:
@@ -218,11 +226,11 @@ class Adapter:
 
                 obj: Any = load_file(str(path))
             else:
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+                with torch.serialization.safe_globals(self.checkpoint_safe_globals):
+                    obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise LeapsError(f"cannot read checkpoint {path} ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}); {self.name} "
-                             f"loads {self.checkpoint_format}") from None
+            raise LeapsError(f"cannot read checkpoint {path} ({_load_failure(exc)}); "
+                             f"{self.name} loads {self.checkpoint_format}") from None
         state = self.state_dict_from_checkpoint(obj)
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
             raise LeapsError(f"checkpoint {path} holds no state dict of tensors; {self.name} "
@@ -248,6 +256,20 @@ class Adapter:
                                      self.gradcam_layer(net, taps), self.forward, self.name,
                                      spec.name)
         return classifier.eval()
+
+
+def _load_failure(exc: Exception) -> str:
+    """Why ``torch.load`` failed, in one line. torch's own first line only says that
+    weights-only loading failed (and suggests turning it off); the cause comes later."""
+    text = str(exc)
+    refused = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", text, re.IGNORECASE)
+    if refused:
+        return (f"it pickles {refused.group(1)}, which leaps does not unpickle: loading never "
+                "runs code from a checkpoint")
+    cause = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if cause:
+        return f"not a checkpoint torch can read: {cause.group(1).strip()}"
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def load_state_dict_checked(net: nn.Module, state: dict[str, Tensor], source: str) -> None:
