@@ -83,8 +83,11 @@ class ModelSpec:
                          labels=tuple(labels) if labels is not None else self.label_names())
 
     def at_reduced_size(self) -> ModelSpec:
-        """This entry at the reduced size its ``reduced`` field gives (for tests)."""
-        arch = {**self.arch, **self.reduced.get("arch", {})}
+        """This entry at the reduced size its ``reduced`` field gives (for tests): its frames
+        and size, and ``reduced.arch`` merged into ``arch`` key by key at every depth, so that
+        a reduced variant overrides single nested options (one of ``cfg_options``) and keeps
+        the entry's others."""
+        arch = merge_nested(self.arch, self.reduced.get("arch", {}))
         return replace(self, frames=self.reduced.get("frames", self.frames),
                        size=self.reduced.get("size", self.size), arch=arch)
 
@@ -92,6 +95,19 @@ class ModelSpec:
         if self.checkpoint is None or self.checkpoint.path is None:
             return None
         return (Path(self.source).parent / self.checkpoint.path).resolve()
+
+
+def merge_nested(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``overrides``; where both hold a mapping under one key, the two
+    mappings are merged the same way instead of the override replacing it. Neither argument
+    is modified."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_nested(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 # -- label sets -------------------------------------------------------------------------

@@ -441,6 +441,20 @@ def test_own_config_relative_to_its_registry_file(tmp_path: Path, monkeypatch: A
         assert model.net.cfg.filename == str((tmp_path / "configs" / "tiny_x3d.py").resolve())
 
 
+def test_reduced_cfg_options_merge_into_the_entrys() -> None:
+    """At the reduced size an entry keeps its own cfg-options: the reduced ones are merged in
+    key by key, so the suite builds the entry's variant, only smaller."""
+    config = "recognition/x3d/x3d_m_16x5x1_facebook-kinetics400-rgb.py"
+    entry = _entry(config, arch={"config": config,
+                                 "cfg_options": {"model.cls_head.fc1_bias": True}},
+                   reduced={"arch": {"cfg_options": {"model.backbone.gamma_d": 0.4}}})
+    with registered_plugin(RegistryMapping({"models": {"mine.merged": entry}}), "mine"):
+        full = build_model("mine.merged")
+        reduced = build_model("mine.merged", reduced=True)
+    assert full.net.cls_head.fc1.bias is not None and full.net.backbone.gamma_d == 2.2
+    assert reduced.net.cls_head.fc1.bias is not None and reduced.net.backbone.gamma_d == 0.4
+
+
 @pytest.mark.parametrize(("overrides", "expected"), [
     ({"arch": {"config": "recognition/x3d/x3d_m_16x5x1_facebook-kinetics400.py"}},
      "did you mean recognition/x3d/x3d_m_16x5x1_facebook-kinetics400-rgb.py"),
