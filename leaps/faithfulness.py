@@ -1,0 +1,135 @@
+"""Faithfulness of attribution maps: deletion / insertion curves and the pointing game.
+
+* Deletion (Petsiuk et al. 2018, RISE): remove the voxels a map ranks highest first (replace
+  them by a baseline) and follow the target probability; a faithful map makes it fall fast, so
+  a LOWER area under the curve is better.
+* Insertion: start from the baseline (a blurred clip) and put the highest-ranked voxels back
+  first; a HIGHER area is better.
+* Pointing game (Zhang et al. 2016): in each frame, is the map's maximum inside the object?
+
+Voxels are ranked over the whole clip (``T x H x W``), not frame by frame, so a map is also
+judged on WHEN it puts its mass. Ties are broken at random (seeded), so a flat region of a map
+is not read as "top-left first".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from leaps.attribution import Target, baseline_video, resolve_targets
+
+
+@dataclass
+class Curve:
+    """A deletion or insertion curve: ``scores[b, i]`` is clip b's target probability with a
+    fraction ``fractions[i]`` of its voxels deleted (inserted); ``auc[b]`` its trapezoidal area
+    over fractions in [0, 1]."""
+
+    fractions: Tensor  # [S + 1]
+    scores: Tensor     # [B, S + 1]
+    auc: Tensor        # [B]
+
+
+def rank_voxels(saliency: Tensor, seed: int = 0) -> Tensor:
+    """Voxel indices of each clip ``[B, T, H, W]``, most salient first, ties in random order."""
+    flat = saliency.detach().reshape(saliency.shape[0], -1).float()
+    generator = torch.Generator().manual_seed(seed)
+    shuffle = torch.randperm(flat.shape[1], generator=generator).to(flat.device)
+    order = torch.argsort(flat[:, shuffle], dim=1, descending=True, stable=True)
+    return shuffle[order]
+
+
+def _curve(model: nn.Module, inputs: Tensor, saliency: Tensor, target: Target, steps: int,
+           baseline: float | str | Tensor, insertion: bool, batch_size: int, seed: int
+           ) -> Curve:
+    if saliency.dim() == 5:
+        saliency = saliency.squeeze(1) if saliency.shape[1] == 1 else saliency.abs().sum(1)
+    b, _, t, h, w = inputs.shape
+    if saliency.shape != (b, t, h, w):
+        raise ValueError(f"saliency {tuple(saliency.shape)} does not match clips "
+                         f"{tuple(inputs.shape)}; give [B, T, H, W] at the clips' size")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    inputs = inputs.detach()
+    targets = resolve_targets(model, inputs, target)
+    reference = baseline_video(inputs, baseline).detach()
+    order = rank_voxels(saliency.to(inputs.device), seed)
+    volume = t * h * w
+    fractions = torch.linspace(0, 1, steps + 1)
+    counts = (fractions * volume).round().long().tolist()
+    # rank[b, v] = position of voxel v in clip b's order; voxel v is changed once count > rank
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(volume, device=order.device).expand(b, -1))
+    scores = torch.empty(b, steps + 1)
+    jobs = [(i, j) for i in range(steps + 1) for j in range(b)]
+    with torch.no_grad():
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start:start + batch_size]
+            changed = torch.stack([(rank[j] < counts[i]).view(1, t, h, w) for i, j in chunk])
+            source = torch.stack([inputs[j] for _, j in chunk])
+            other = torch.stack([reference[j] for _, j in chunk])
+            if insertion:
+                clips = torch.where(changed, source, other)
+            else:
+                clips = torch.where(changed, other, source)
+            probs = F.softmax(model(clips).float(), dim=1)
+            picked = probs.gather(1, targets[[j for _, j in chunk]][:, None])[:, 0].cpu()
+            for (i, j), p in zip(chunk, picked):
+                scores[j, i] = p
+    auc = torch.trapezoid(scores, fractions, dim=1)
+    return Curve(fractions, scores, auc)
+
+
+def deletion_curve(model: nn.Module, inputs: Tensor, saliency: Tensor, target: Target = None,
+                   *, steps: int = 32, baseline: float | str | Tensor = 0.0,
+                   batch_size: int = 16, seed: int = 0) -> Curve:
+    """Deletion curve of ``saliency`` (``[B, T, H, W]``, or a method's raw map) on ``inputs``
+    ``[B, 3, T, H, W]``: the target probability as the top-ranked voxels are replaced by
+    ``baseline`` (0.0 = black; see :func:`leaps.attribution.baseline_video`) in ``steps``
+    equal steps. Lower AUC = more faithful. ``target`` None: each clip's predicted class."""
+    return _curve(model, inputs, saliency, target, steps, baseline, False, batch_size, seed)
+
+
+def insertion_curve(model: nn.Module, inputs: Tensor, saliency: Tensor, target: Target = None,
+                    *, steps: int = 32, baseline: float | str | Tensor = "blur",
+                    batch_size: int = 16, seed: int = 0) -> Curve:
+    """Insertion curve: start from ``baseline`` (default: each frame blurred) and restore the
+    top-ranked voxels of the clip first. Higher AUC = more faithful."""
+    return _curve(model, inputs, saliency, target, steps, baseline, True, batch_size, seed)
+
+
+def pointing_game(saliency: Tensor, masks: Tensor, tolerance: int = 0) -> Tensor:
+    """Per-frame hits ``[B, T]`` (bool): the map's maximum lies inside the object mask, or
+    within ``tolerance`` pixels of it (Chebyshev distance).
+
+    ``saliency`` is ``[B, T, H, W]`` (or ``[B, 1, T, H, W]``), ``masks`` bool ``[B, T, H, W]``.
+    A frame whose map is constant points nowhere and counts as a miss; average the hits over
+    frames that show the object (``masks.flatten(2).any(2)``) for the hit rate.
+    """
+    if saliency.dim() == 5:
+        saliency = saliency[:, 0]
+    if saliency.shape != masks.shape:
+        raise ValueError(f"saliency {tuple(saliency.shape)} and masks {tuple(masks.shape)} "
+                         "differ in shape")
+    b, t, h, w = saliency.shape
+    flat = saliency.detach().reshape(b, t, -1).float()
+    peak = flat.argmax(dim=2)
+    region = masks.to(torch.bool)
+    if tolerance > 0:
+        size = 2 * tolerance + 1
+        region = F.max_pool2d(region.float().reshape(b * t, 1, h, w), size, stride=1,
+                              padding=tolerance).reshape(b, t, h, w) > 0
+    hits = region.reshape(b, t, -1).to(peak.device).gather(2, peak[..., None])[..., 0]
+    flat_frames = flat.max(dim=2).values == flat.min(dim=2).values
+    return hits & ~flat_frames
+
+
+def hit_rate(saliency: Tensor, masks: Tensor, tolerance: int = 0) -> float:
+    """Fraction of frames showing the object where :func:`pointing_game` hits."""
+    hits = pointing_game(saliency, masks, tolerance)
+    shown = masks.reshape(*masks.shape[:2], -1).any(dim=2).to(hits.device)
+    return float(hits[shown].float().mean()) if shown.any() else float("nan")
