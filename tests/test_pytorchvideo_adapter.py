@@ -4,9 +4,9 @@ hub builder's; pytorchvideo's hub checkpoint format loads, and bad checkpoints f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -21,8 +21,11 @@ pytest.importorskip("pytorchvideo")
 pytestmark = [pytest.mark.filterwarnings("ignore:'saved_variables' is deprecated"),
               pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")]
 
+# Every entry built by a pytorchvideo adapter (the demo zoo's included) passes conformance;
+# the Kinetics-400 ones are pytorchvideo's model zoo, each with its hub builder.
 PYTORCHVIDEO = [name for name, spec in load_registry().models.items()
                 if spec.adapter.startswith("pytorchvideo.")]
+KINETICS = [name for name in PYTORCHVIDEO if load_registry().get(name).labels == "kinetics400"]
 
 # Registry entry -> the pytorchvideo.models.hub builder of the same model.
 HUB = {
@@ -54,8 +57,8 @@ class TestPytorchvideoConformance(AdapterConformance):
     models = PYTORCHVIDEO
 
 
-def test_every_entry_has_its_hub_builder() -> None:
-    assert sorted(PYTORCHVIDEO) == sorted(HUB)
+def test_every_kinetics_entry_has_its_hub_builder() -> None:
+    assert sorted(KINETICS) == sorted(HUB)
 
 
 @pytest.mark.parametrize("name", sorted(HUB))
@@ -211,7 +214,7 @@ def test_saved_checkpoint_is_the_hub_format(source: Any, tmp_path: Path) -> None
 
     from leaps.plugins import get_host
 
-    model, clip = source
+    model, _ = source
     path = tmp_path / "saved.pyth"
     get_host().adapter("pytorchvideo.x3d")().save_checkpoint(model.net, path)
     checkpoint = torch.load(path, weights_only=True)

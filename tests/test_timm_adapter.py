@@ -17,7 +17,7 @@ from leaps.testing import AdapterConformance, reduced_input
 timm = pytest.importorskip("timm")
 
 TIMM_MODELS = [name for name, spec in load_registry().models.items()
-               if spec.adapter == "timm.frames"]
+               if spec.adapter.startswith("timm.")]
 
 
 class TestTimmConformance(AdapterConformance):
