@@ -13,8 +13,9 @@
       "verifier": str | None,    # registry name; "self" when the model verified itself;
                                  # None for --verifier none
       "also": [str, ...],        # the --also models, in order
-      "unseen": {name: bool},    # also-model of a family (adapter) that took no part in the
-                                 # optimisation (neither the model's nor the verifier's)
+      "unseen": {name: bool},    # also-model that took no part in the optimisation (neither
+                                 # the inverted model nor its verifier): transfer
+      "also_adapters": {name: str},   # each also-model's adapter (its family)
       "labels": [str, ...],      # the model's classes
       "targets": [str, ...],     # target class of each clip (samples of a target in a row)
       "seed": int, "samples": int, "iterations": int,
@@ -35,8 +36,10 @@
       "motion_test_model": {"accuracy": float | None, "clips": int},
       "motion_test_verifier": {"accuracy", "clips"} | None,
       "motion_test_also": {name: {"accuracy", "clips"} | None},
-      "oracle": {"accuracy", "abstention", "decided_accuracy", "clips"} | None,
-                                               # None unless the classes are motion classes
+      "oracle": {"accuracy", "abstention", "decided_accuracy", "clips",
+                 "abstained": {reason: count}} | None,
+                                               # accuracy: confirmed / all clips; None unless
+                                               # the classes are motion classes
       "frame_diff": float, "frame_diff_rel": float | None,   # rel: 1.0 = as real clips
       "tv": float, "tv_rel": float | None,
       "reference": "motion dataset" | "stimuli" | None,      # what "real" means for rel
@@ -302,19 +305,20 @@ def _evaluate_run(run: Run, also: Sequence[str], models: _Models,
     if verifier_name == "self":
         verifier = model
     elif verifier_name not in (None, "none"):
-        verifier = models.get(verifier_name, reduced=bool(record["reduced"]))
+        try:
+            verifier = models.get(verifier_name, reduced=bool(record["reduced"]))
+        except LeapsError as exc:
+            raise LeapsError(f"{run.path}: its verifier cannot be built: {exc}") from None
     same_classes = verifier is not None and list(verifier.labels) == labels
     v_logits = _logits(verifier, video, device) if same_classes else None
     v_reversed = _logits(verifier, metrics.reverse_in_time(video), device) if same_classes else None
 
-    families = {spec.adapter}
-    if verifier_name not in (None, "none", "self"):
-        families.add(registry.get(verifier_name).adapter)
+    took_part = {record["model"], verifier_name}
     also_logits: dict[str, tuple[Tensor, Tensor] | None] = {}
     unseen: dict[str, bool] = {}
     for name in also:
         other = models.get(name, reduced=bool(record["reduced"]))
-        unseen[name] = registry.get(name).adapter not in families
+        unseen[name] = name not in took_part
         also_logits[name] = ((_logits(other, video, device),
                               _logits(other, metrics.reverse_in_time(video), device))
                              if list(other.labels) == labels else None)
@@ -346,7 +350,7 @@ def _evaluate_run(run: Run, also: Sequence[str], models: _Models,
             "frame_diff": float(frame_diff[i]), "tv": float(tv[i]),
             "frame_diff_rel": diff_rel[i], "tv_rel": tv_rel[i],
         })
-    tensors = {"logits": logits, "reversed": reversed_logits, "targets": targets}
+    tensors = {"logits": logits}
     if v_logits is not None:
         tensors["verifier_logits"] = v_logits
     steps = int(record.get("steps") or 0)
@@ -354,7 +358,9 @@ def _evaluate_run(run: Run, also: Sequence[str], models: _Models,
     result = {
         "run_dir": str(run.path), "model": record["model"], "adapter": spec.adapter,
         "verifier": None if verifier_name in (None, "none") else verifier_name,
-        "also": list(also), "unseen": unseen, "labels": labels, "targets": names,
+        "also": list(also), "unseen": unseen,
+        "also_adapters": {name: registry.get(name).adapter for name in also},
+        "labels": labels, "targets": names,
         "seed": int(record["config"].get("seed", 0)), "samples": run.samples,
         "iterations": steps,
         "seconds_per_iteration": (float(elapsed) / steps if elapsed is not None and steps
@@ -394,9 +400,13 @@ def _summarise(clips: list[dict[str, Any]],
     if all(c["oracle_reason"] is not None for c in clips):
         decided = [c for c in clips if c["oracle"] is not None]
         correct = sum(c["oracle"] == c["target"] for c in decided)
+        reasons: dict[str, int] = {}
+        for c in clips:
+            if c["oracle"] is None:
+                reasons[c["oracle_reason"]] = reasons.get(c["oracle_reason"], 0) + 1
         oracle = {"accuracy": correct / n, "abstention": 1 - len(decided) / n,
                   "decided_accuracy": correct / len(decided) if decided else None,
-                  "clips": n}
+                  "clips": n, "abstained": dict(sorted(reasons.items()))}
     correlations = []
     for video, group_names in zip(videos, names):
         value, groups = metrics.diversity(video, group_names)
@@ -442,8 +452,9 @@ def _overall(results: list[dict[str, Any]], loaded: list[Run],
              tensors: list[dict[str, Tensor]], also: list[str]) -> dict[str, Any]:
     clips = [c for r in results for c in r["clips"]]
     same_model = len({r["model"] for r in results}) == 1
-    same_verifier = len({r["verifier"] for r in results}) == 1 and \
-        all("verifier_logits" in t for t in tensors)
+    # "self" is the same verifier only for the same model
+    same_verifier = len({(r["verifier"], r["model"] if r["verifier"] == "self" else None)
+                         for r in results}) == 1 and all("verifier_logits" in t for t in tensors)
     logits = torch.cat([t["logits"] for t in tensors]) if same_model else None
     v_logits = torch.cat([t["verifier_logits"] for t in tensors]) if same_verifier else None
     references = {r["metrics"]["reference"] for r in results}
@@ -466,7 +477,8 @@ def evaluate_runs(run_dirs: Sequence[str | Path], also: Sequence[str] = (),
     """Evaluate the synthesized clips of inversion runs (see the module docstring for the keys).
 
     ``also`` names registry models that judge the clips besides the inverted model and its
-    verifier (unseen families: transfer). Every run directory is validated before any model is
+    verifier (transfer to models that took no part in the optimisation, ideally of another
+    family). Every run directory is validated before any model is
     built; a bad one raises a one-line :class:`LeapsError`."""
     from leaps.invert import resolve_device
     from leaps.registry import load_registry
@@ -514,8 +526,8 @@ def _motion_text(test: dict[str, Any] | None) -> str:
 
 LEGEND = (
     "top-1: share of clips classified as their target, by the inverted model, its verifier, "
-    "and each --also model (unseen: of a family that took no part in the optimisation; seen: "
-    "the model's or the verifier's family). IS: Inception Score, mean ± std over splits. "
+    "and each --also model (unseen: it took no part in the optimisation; seen: it is the "
+    "inverted model or its verifier). IS: Inception Score, mean ± std over splits. "
     "Motion test: share of clips that, reversed in time, are classified (by the model) as the "
     "opposite class. Oracle: share of clips a non-neural motion estimator confirms as the "
     "target motion, and the share where it abstained. Frame diff and TV: mean absolute "
@@ -597,8 +609,8 @@ def write_text(path: str | Path, text: str) -> Path:
 @click.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--also", "also", multiple=True, metavar="MODEL",
-              help="Another registry model that judges the clips (transfer to an unseen "
-                   "family); repeat for several.")
+              help="Another registry model that judges the clips (transfer: pick one that "
+                   "took no part in the optimisation, of another family); repeat for several.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the full evaluation as JSON here.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path),

@@ -180,6 +180,7 @@ def test_evaluate_agrees_with_a_recomputation_from_the_saved_tensors(runs):
     confirmed = sum(v.label == t for v, t in zip(verdicts, CLASSES))
     assert m["oracle"]["accuracy"] == confirmed / 4
     assert m["oracle"]["abstention"] == sum(v.label is None for v in verdicts) / 4
+    assert sum(m["oracle"]["abstained"].values()) == sum(v.label is None for v in verdicts)
     assert m["diversity"] is None and m["diversity_groups"] == 0  # one sample per class
     assert run["iterations"] == 20 and run["verifier"] == "testeval.r2plus1d"
 
@@ -188,8 +189,9 @@ def test_unseen_family_samples_and_pooling_over_runs(runs):
     a, b = runs["a"].run_dir, runs["b"].run_dir
     result = evaluate_runs([a, b], also=["testeval.r2plus1d"])
     run_a, run_b = result["runs"]
-    # B was optimised with the 3D CNN alone: the (2+1)D family took no part.
+    # B was optimised with the 3D CNN alone: the (2+1)D took no part.
     assert run_b["verifier"] == "self" and run_b["unseen"] == {"testeval.r2plus1d": True}
+    assert run_b["also_adapters"] == {"testeval.r2plus1d": "testeval.r2plus1d"}
     assert run_b["samples"] == 2 and run_b["metrics"]["clips"] == 8
     assert run_b["targets"] == [c for c in CLASSES for _ in range(2)]
     assert run_b["metrics"]["top1_verifier"] == run_b["metrics"]["top1_model"]
