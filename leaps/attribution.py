@@ -59,10 +59,12 @@ def resolve_targets(model: nn.Module, inputs: Tensor, target: Target) -> Tensor:
     return indices
 
 
-def _check_inputs(inputs: Tensor) -> None:
+def _check_inputs(inputs: Tensor) -> Tensor:
+    """The clips, detached and requiring grad (what every gradient method differentiates)."""
     if inputs.dim() != 5 or inputs.shape[1] != 3:
         raise LeapsError(f"attribution needs clips [B, 3, T, H, W], got shape "
                          f"{tuple(inputs.shape)}")
+    return inputs.detach().requires_grad_(True)
 
 
 def _captum_attr() -> Any:
@@ -155,9 +157,10 @@ class Saliency(Attribution):
     name = "saliency"
 
     def attribute(self, inputs: Tensor, target: Target = None, *, abs: bool = True) -> Tensor:
-        _check_inputs(inputs)
+        inputs = _check_inputs(inputs)
         targets = resolve_targets(self.model, inputs, target)
-        return _captum_attr().Saliency(self.model).attribute(inputs, target=targets, abs=abs)
+        return _captum_attr().Saliency(self.model).attribute(inputs, target=targets,
+                                                             abs=abs).detach()
 
 
 class GradientXInput(Attribution):
@@ -167,9 +170,10 @@ class GradientXInput(Attribution):
     name = "gradient_x_input"
 
     def attribute(self, inputs: Tensor, target: Target = None) -> Tensor:
-        _check_inputs(inputs)
+        inputs = _check_inputs(inputs)
         targets = resolve_targets(self.model, inputs, target)
-        return _captum_attr().InputXGradient(self.model).attribute(inputs, target=targets)
+        return _captum_attr().InputXGradient(self.model).attribute(inputs,
+                                                                   target=targets).detach()
 
 
 class IntegratedGradients(Attribution):
@@ -178,8 +182,8 @@ class IntegratedGradients(Attribution):
     (Gauss-Legendre, or ``method="riemann_trapezoid"`` etc.).
 
     ``baseline`` is the reference clip x0 (see :func:`baseline_video`: 0.0 = black, "blur");
-    ``internal_batch_size`` bounds how many scaled clips go through the model at once, so
-    memory does not grow with ``n_steps``.
+    ``internal_batch_size`` bounds how many scaled clips go through the model at once (at
+    least the batch size), so memory does not grow with ``n_steps``.
     """
 
     name = "integrated_gradients"
@@ -187,15 +191,18 @@ class IntegratedGradients(Attribution):
     def attribute(self, inputs: Tensor, target: Target = None, *, n_steps: int = 32,
                   baseline: float | str = 0.0, method: str = "gausslegendre",
                   internal_batch_size: int = 16) -> Tensor:
-        _check_inputs(inputs)
+        inputs = _check_inputs(inputs)
         _positive("n_steps", n_steps)
         _positive("internal_batch_size", internal_batch_size)
         targets = resolve_targets(self.model, inputs, target)
-        baselines = baseline_video(inputs, baseline)
+        baselines = baseline_video(inputs.detach(), baseline)
+        # Captum needs room for at least one scaled copy of every clip per pass
+        chunk = max(int(internal_batch_size), inputs.shape[0])
         ig = _captum_attr().IntegratedGradients(self.model)
         try:
             return ig.attribute(inputs, baselines=baselines, target=targets, n_steps=int(n_steps),
-                                method=method, internal_batch_size=int(internal_batch_size))
+                                method=method, internal_batch_size=chunk
+                                ).detach()
         except AssertionError as exc:  # Captum rejects an unknown integration method this way
             raise LeapsError(f"integrated_gradients: {exc}; method is one of gausslegendre, "
                              "riemann_left, riemann_right, riemann_middle, riemann_trapezoid"
@@ -211,7 +218,7 @@ class SmoothGrad(Attribution):
 
     def attribute(self, inputs: Tensor, target: Target = None, *, samples: int = 16,
                   noise: float = 0.15, abs: bool = True, batch: int = 8) -> Tensor:
-        _check_inputs(inputs)
+        inputs = _check_inputs(inputs)
         _positive("samples", samples)
         _positive("noise", noise, float)
         _positive("batch", batch)
@@ -220,7 +227,7 @@ class SmoothGrad(Attribution):
         tunnel = attr.NoiseTunnel(attr.Saliency(self.model))
         return tunnel.attribute(inputs, nt_type="smoothgrad", nt_samples=int(samples),
                                 nt_samples_batch_size=int(batch), stdevs=float(noise),
-                                target=targets, abs=abs)
+                                target=targets, abs=abs).detach()
 
 
 def _first_tensor(output: Any) -> Tensor:
@@ -289,7 +296,8 @@ class GradCAM(Attribution):
     Per-time-step weights (as VideoVisual and mmaction2 compute them) let each moment of the
     clip weigh the channels that matter then; one weight per clip blurs what moves. The map is
     upsampled trilinearly to the input's ``T, H, W``. ``layer`` names a tap (default: the
-    adapter's ``gradcam_layer``).
+    adapter's ``gradcam_layer``; should its output not reach the score, as the last block of a
+    class-token transformer does not, the last tap before it that does).
     """
 
     name = "gradcam"
@@ -298,6 +306,7 @@ class GradCAM(Attribution):
     def __init__(self, model: nn.Module, layer: str | None = None) -> None:
         super().__init__(model)
         self.tap = resolve_layer(model, layer)
+        self._default_layer = layer is None and isinstance(model, VideoClassifier)
 
     def activations_and_gradients(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """The layer's activation and ``d sum_b score_b / d activation`` as ``[B,C,T',H',W']``.
@@ -337,14 +346,41 @@ class GradCAM(Attribution):
                              "[B, C, T, H, W]; pick a tap (`leaps layers` lists them)")
         return activation, gradient
 
+    def _layer_reaching_the_score(self, inputs: Tensor, targets: Tensor
+                                  ) -> tuple[Tensor, Tensor]:
+        """The layer's gradient is exactly zero: its output does not reach the score. That is
+        the case for the last block of a class-token transformer (the head reads only the class
+        token, which the last block's patch tokens no longer feed). With the adapter's default
+        layer, step back to the last tap that does reach it (and keep it); with a layer the
+        user named, say so."""
+        taps = list(getattr(self.model, "taps", []))
+        names = [t.name for t in taps]
+        index = names.index(self.tap.name) if self.tap.name in names else 0
+        earlier = taps[:index][::-1]
+        if not self._default_layer:
+            hint = f"pick an earlier tap, e.g. {earlier[0].name!r}" if earlier else \
+                "pick another layer"
+            raise LeapsError(f"layer {self.tap.name!r} does not reach the class score (its "
+                             f"gradient is zero, as for the last block of a class-token "
+                             f"transformer); {hint}")
+        for tap in earlier:
+            self.tap = tap
+            activation, gradient = self.activations_and_gradients(inputs, targets)
+            if bool(gradient.any()):
+                return activation, gradient
+        raise LeapsError("no tap of the model reaches the class score (all gradients are "
+                         "zero); check that the model's output depends on its input")
+
     def attribute(self, inputs: Tensor, target: Target = None, *, temporal: str = "frame",
                   relu: bool = True) -> Tensor:
-        _check_inputs(inputs)
+        inputs = _check_inputs(inputs)
         if temporal not in ("frame", "clip"):
             raise LeapsError(f"temporal must be 'frame' (weights per time step) or 'clip' "
                              f"(one weight per channel), got {temporal!r}")
         targets = resolve_targets(self.model, inputs, target)
         activation, gradient = self.activations_and_gradients(inputs, targets)
+        if not bool(gradient.any()):
+            activation, gradient = self._layer_reaching_the_score(inputs, targets)
         dims = (3, 4) if temporal == "frame" else (2, 3, 4)
         weights = gradient.mean(dim=dims, keepdim=True)
         cam = (weights * activation).sum(dim=1, keepdim=True)
@@ -386,7 +422,7 @@ class SpatiotemporalPerturbation(Attribution):
                   perturbation: str = "blur", step: int = 0, sigma: float = 0.0,
                   blur_sigma: float = 0.0, smoothness: float = 1.0, area_weight: float = 10.0,
                   area_growth: float = 16.0, seed: int = 0) -> Tensor:
-        _check_inputs(inputs)
+        inputs = _check_inputs(inputs)
         if not 0 < area < 1:
             raise LeapsError(f"area must lie in (0, 1) (the fraction of the clip kept), got "
                              f"{area!r}")

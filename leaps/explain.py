@@ -180,9 +180,7 @@ def explain_videos(videos: Sequence[str | Path], model: str | None = None, *,
     clips = read_clips(videos, fs.frames, fs.size)
     explainer = (GradCAM(classifier, layer) if method_cls is GradCAM
                  else method_cls(classifier))
-    if method_cls is GradCAM:
-        parameters["layer"] = explainer.tap.name
-    method_kwargs = {k: v for k, v in parameters.items() if k != "layer"}
+    method_kwargs = dict(parameters)
 
     started = time.perf_counter()
     probabilities, maps = [], []
@@ -195,6 +193,8 @@ def explain_videos(videos: Sequence[str | Path], model: str | None = None, *,
         maps.append(explainer.attribute(batch, target=targets, **method_kwargs).detach().cpu())
         probabilities.append(probs.cpu())
     seconds = time.perf_counter() - started
+    if isinstance(explainer, GradCAM):
+        parameters["layer"] = explainer.tap.name  # the layer used (the default may step back)
     attributions = torch.cat(maps).float()
     probs_all = torch.cat(probabilities)
     heat = heatmap(attributions)

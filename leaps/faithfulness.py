@@ -85,12 +85,17 @@ def _curve(model: nn.Module, inputs: Tensor, saliency: Tensor, target: Target, s
 
 
 def deletion_curve(model: nn.Module, inputs: Tensor, saliency: Tensor, target: Target = None,
-                   *, steps: int = 32, baseline: float | str | Tensor = 0.0,
+                   *, steps: int = 32, baseline: float | str | Tensor = "blur",
                    batch_size: int = 16, seed: int = 0) -> Curve:
     """Deletion curve of ``saliency`` (``[B, T, H, W]``, or a method's raw map) on ``inputs``
     ``[B, 3, T, H, W]``: the target probability as the top-ranked voxels are replaced by
-    ``baseline`` (0.0 = black; see :func:`leaps.attribution.baseline_video`) in ``steps``
-    equal steps. Lower AUC = more faithful. ``target`` None: each clip's predicted class."""
+    ``baseline`` in ``steps`` equal steps. Lower AUC = more faithful. ``target`` None: each
+    clip's predicted class.
+
+    The default baseline is the blurred clip, not black (RISE's choice for images): a moving
+    object painted black is still a moving object, and on the motion dataset black deletion
+    of the exact object mask scored WORSE than deleting random voxels (AUC 0.37 vs 0.34),
+    while blur deletion separates them (0.34 vs 0.71). Pass ``baseline=0.0`` for RISE's."""
     return _curve(model, inputs, saliency, target, steps, baseline, False, batch_size, seed)
 
 
