@@ -73,7 +73,7 @@ def mmaction_dir() -> Path:
     found = importlib.util.find_spec("mmaction")
     if found is None or not found.submodule_search_locations:
         raise LeapsError("mmaction2 is not installed; pip install 'leaps[mmaction]'")
-    return Path(list(found.submodule_search_locations)[0])
+    return Path(next(iter(found.submodule_search_locations)))
 
 
 def configs_dir() -> Path:
@@ -271,7 +271,7 @@ class MmactionAdapter(Adapter):
         try:
             cfg = Config.fromfile(str(path))
             cfg.merge_from_dict(options)
-        except Exception as exc:  # any parse or merge problem of a user's config
+        except Exception as exc:  # noqa: BLE001 - any parse or merge problem of a user's config
             raise LeapsError(f"cannot read mmaction2 config {path} with cfg_options {options} "
                              f"({_first_line(exc)}); fix the config or arch.cfg_options"
                              ) from None
@@ -291,7 +291,7 @@ class MmactionAdapter(Adapter):
                 net = MODELS.build(cfg.model)
         except LeapsError:
             raise
-        except Exception as exc:  # mmaction reports a bad config as whatever its code raises
+        except Exception as exc:  # noqa: BLE001 - mmaction reports a bad config as whatever its code raises
             raise LeapsError(f"mmaction2 cannot build the recognizer of {arch['config']} "
                              f"({_first_line(exc)}); fix the config or arch.cfg_options"
                              ) from None
@@ -390,8 +390,8 @@ class MViTAdapter(MmactionAdapter):
 
     name = "mmaction.mvit"
     backbones = ("MViT",)
-    size_options = {"frames": ("model.backbone.temporal_size",),
-                    "size": ("model.backbone.spatial_size",)}
+    size_options: ClassVar[dict[str, tuple[str, ...]]] = {
+        "frames": ("model.backbone.temporal_size",), "size": ("model.backbone.spatial_size",)}
 
     def taps(self, net: nn.Module, arch: dict[str, Any], spec: InputSpec) -> list[Tap]:
         prefix = 1 if net.backbone.with_cls_token else 0
@@ -411,8 +411,8 @@ class UniFormerV2Adapter(MmactionAdapter):
 
     name = "mmaction.uniformerv2"
     backbones = ("UniFormerV2",)
-    size_options = {"frames": ("model.backbone.t_size",),
-                    "size": ("model.backbone.input_resolution",)}
+    size_options: ClassVar[dict[str, tuple[str, ...]]] = {
+        "frames": ("model.backbone.t_size",), "size": ("model.backbone.input_resolution",)}
 
     def taps(self, net: nn.Module, arch: dict[str, Any], spec: InputSpec) -> list[Tap]:
         frames = net.backbone.transformer.T
@@ -433,8 +433,8 @@ class TimeSformerAdapter(MmactionAdapter):
 
     name = "mmaction.timesformer"
     backbones = ("TimeSformer",)
-    size_options = {"frames": ("model.backbone.num_frames",),
-                    "size": ("model.backbone.img_size",)}
+    size_options: ClassVar[dict[str, tuple[str, ...]]] = {
+        "frames": ("model.backbone.num_frames",), "size": ("model.backbone.img_size",)}
 
     def taps(self, net: nn.Module, arch: dict[str, Any], spec: InputSpec) -> list[Tap]:
         backbone = net.backbone
@@ -501,7 +501,8 @@ class TSMAdapter(MmactionAdapter):
 
     name = "mmaction.tsm"
     backbones = ("ResNetTSM",)
-    size_options = {"frames": ("model.backbone.num_segments", "model.cls_head.num_segments")}
+    size_options: ClassVar[dict[str, tuple[str, ...]]] = {
+        "frames": ("model.backbone.num_segments", "model.cls_head.num_segments")}
 
     def taps(self, net: nn.Module, arch: dict[str, Any], spec: InputSpec) -> list[Tap]:
         frames = net.backbone.num_segments

@@ -16,7 +16,7 @@ from leaps.hookspecs import hookimpl
 
 
 def _builder(arch: dict[str, Any]) -> Any:
-    import torchvision.models.video as video
+    from torchvision.models import video
 
     name = arch.get("builder")
     if not isinstance(name, str) or not hasattr(video, name):

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -57,7 +58,8 @@ def as_video(output: Any) -> Tensor:
 
 
 def tokens_to_video(tokens: Tensor, grid: tuple[int, int, int], prefix: int = 0) -> Tensor:
-    """``[B, prefix + T*H*W, C]`` tokens -> ``[B, C, T, H, W]``, dropping ``prefix`` class tokens."""
+    """``[B, prefix + T*H*W, C]`` tokens -> ``[B, C, T, H, W]``, dropping the ``prefix`` class
+    tokens."""
     t, h, w = grid
     tokens = tokens[:, prefix:]
     if tokens.shape[1] != t * h * w:
@@ -228,7 +230,7 @@ class Adapter:
             else:
                 with torch.serialization.safe_globals(self.checkpoint_safe_globals):
                     obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever a bad file makes the loader raise
             raise LeapsError(f"cannot read checkpoint {path} ({_load_failure(exc)}); "
                              f"{self.name} loads {self.checkpoint_format}") from None
         state = self.state_dict_from_checkpoint(obj)

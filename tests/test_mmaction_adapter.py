@@ -19,16 +19,16 @@ import yaml
 pytest.importorskip("mmaction")
 pytest.importorskip("mmengine")
 
-from leaps_adapters.mmaction_models import (  # noqa: E402
+from leaps_adapters.mmaction_models import (
     ADAPTERS,
     configs_dir,
     import_mmaction_models,
 )
 
-from leaps.errors import LeapsError  # noqa: E402
-from leaps.hookspecs import hookimpl  # noqa: E402
-from leaps.registry import ModelSpec, build_model, load_registry  # noqa: E402
-from leaps.testing import AdapterConformance, check_taps, registered_plugin  # noqa: E402
+from leaps.errors import LeapsError
+from leaps.hookspecs import hookimpl
+from leaps.registry import ModelSpec, build_model, load_registry
+from leaps.testing import AdapterConformance, check_taps, registered_plugin
 
 MMACTION = {name: spec for name, spec in load_registry().models.items()
             if spec.adapter.startswith("mmaction.")}
@@ -560,9 +560,9 @@ def test_reduced_cfg_options_merge_into_the_entrys() -> None:
 ])
 def test_config_mistakes_are_explained(overrides: dict[str, Any], expected: str) -> None:
     entry = _entry("recognition/x3d/x3d_m_16x5x1_facebook-kinetics400-rgb.py", **overrides)
-    with registered_plugin(RegistryMapping({"models": {"mine.broken": entry}}), "mine"):
-        with pytest.raises(LeapsError, match=expected):
-            build_model("mine.broken")
+    with registered_plugin(RegistryMapping({"models": {"mine.broken": entry}}), "mine"), \
+            pytest.raises(LeapsError, match=expected):
+        build_model("mine.broken")
 
 
 def test_size_options_follow_the_entry(tmp_path: Path) -> None:
@@ -577,6 +577,6 @@ def test_size_options_follow_the_entry(tmp_path: Path) -> None:
                                                    "model.backbone.num_frames": 8}},
              "input": {"frames": 4, "size": 32, "mean": [127.5] * 3, "std": [127.5] * 3,
                        "value_range": 255}}
-    with registered_plugin(RegistryMapping({"models": {"mine.conflict": entry}}), "mine"):
-        with pytest.raises(LeapsError, match="model.backbone.num_frames=8"):
-            build_model("mine.conflict")
+    with registered_plugin(RegistryMapping({"models": {"mine.conflict": entry}}), "mine"), \
+            pytest.raises(LeapsError, match="model.backbone.num_frames=8"):
+        build_model("mine.conflict")
