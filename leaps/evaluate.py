@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -152,7 +153,8 @@ def load_run(run_dir: str | Path) -> Run:
                          "`leaps invert`")
     try:
         video = torch.load(video_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a damaged file
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
+        # a truncated or foreign file: torch raises one of these, depending on the damage
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LeapsError(f"{video_path} cannot be read ({first}); re-run `leaps invert`") from None
     samples = int(record["config"].get("samples", 1))

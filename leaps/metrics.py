@@ -136,7 +136,8 @@ class OracleConfig:
 
 @dataclass(frozen=True)
 class OracleVerdict:
-    """What the oracle saw in one clip; ``label`` is None when it abstained (``reason`` says why)."""
+    """What the oracle saw in one clip; ``label`` is None when it abstained, ``reason`` says
+    why."""
 
     label: str | None
     reason: str

@@ -118,8 +118,8 @@ def _stimuli(run: Run, target: int, label: str, workdir: Path
     shown = []
     for j, path in enumerate(paths):
         if not Path(path).exists():
-            shown.append((str(path), None, "not found (relative paths are read from the "
-                                           "current directory)"))
+            why = "not found (relative paths are read from the current directory)"
+            shown.append((str(path), None, why))
             continue
         try:
             clip = read_clip(path, frames, size)
@@ -137,8 +137,8 @@ def _verdicts(clip: dict[str, Any]) -> str:
         good = value == expected
         return f'<span class="{"ok" if good else "bad"}">{_esc(value)}</span>'
 
-    lines = [f"model: {mark(clip['model_top1'], clip['target'])} "
-             f"(p={clip['target_prob']:.2f})"]
+    model = mark(clip["model_top1"], clip["target"])
+    lines = [f"model: {model} (p={clip['target_prob']:.2f})"]
     if clip["verifier_top1"] is not None:
         lines.append(f"verifier: {mark(clip['verifier_top1'], clip['target'])}")
     for name, value in clip["also_top1"].items():
@@ -173,14 +173,15 @@ def _run_section(run: Run, result: dict[str, Any], workdir: Path) -> str:
             if data is None:
                 stimuli.append(f'<p class="missing">stimulus {_esc(caption)}: {_esc(why)}</p>')
             else:
-                stimuli.append(f"<figure>{_img(data, 'image/gif', f'stimulus {label}', width, 'clip')}"
-                               f"<figcaption>{_esc(Path(caption).name)}</figcaption></figure>")
+                image = _img(data, "image/gif", f"stimulus {label}", width, "clip")
+                stimuli.append(f"<figure>{image}<figcaption>{_esc(Path(caption).name)}"
+                               "</figcaption></figure>")
         synthesized, verdicts = [], []
         for s in range(samples):
             i = t * samples + s
-            synthesized.append(
-                f"<figure>{_img(_synthesized(run, i, label, workdir), 'image/gif', f'leaps {label} sample {s}', width, 'clip')}"
-                f"<figcaption>sample {s}</figcaption></figure>")
+            image = _img(_synthesized(run, i, label, workdir), "image/gif",
+                         f"leaps {label} sample {s}", width, "clip")
+            synthesized.append(f"<figure>{image}<figcaption>sample {s}</figcaption></figure>")
             verdicts.append(f"<p>sample {s}: {_verdicts(result['clips'][i])}</p>")
         rows.append(f"<tr><th>{_esc(label)}</th><td>{''.join(stimuli) or '-'}</td>"
                     f"<td>{''.join(synthesized)}</td><td>{''.join(verdicts)}</td></tr>")

@@ -54,7 +54,8 @@ class R2Plus1D(Adapter):
     def create(self, arch, num_classes, spec):
         return nn.Sequential(
             nn.Sequential(_block(3, 8, (1, 2, 2), (1, 3, 3)), _block(8, 8, 1, (3, 1, 1))),
-            nn.Sequential(_block(8, 16, (1, 2, 2), (1, 3, 3)), _block(16, 16, (2, 1, 1), (3, 1, 1))),
+            nn.Sequential(_block(8, 16, (1, 2, 2), (1, 3, 3)),
+                          _block(16, 16, (2, 1, 1), (3, 1, 1))),
             _block(16, 32, (1, 2, 2), (1, 3, 3)),
             nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(32, num_classes))
 
@@ -264,6 +265,8 @@ def _damage(source: Path, target: Path, how: str) -> Path:
         record["format"] = 99
     elif how == "missing key":
         del record["target_indices"]
+    elif how == "corrupt video":
+        (run / "video.pt").write_bytes(b"not a tensor file" * 10)
     elif how == "wrong shape":
         torch.save(torch.rand(1, 3, 4, 16, 16), run / "video.pt")
     elif how == "corrupt json":
@@ -280,6 +283,7 @@ def _damage(source: Path, target: Path, how: str) -> Path:
     ("other version", "written by leaps 0.0.1"),
     ("other format", "run format 1"),
     ("missing key", "lacks 'target_indices'"),
+    ("corrupt video", "video.pt cannot be read"),
     ("wrong shape", "(1, 3, 4, 16, 16)"),
     ("corrupt json", "not valid JSON"),
 ])

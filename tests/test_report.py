@@ -118,7 +118,7 @@ def browser_dom(page: Path, profile: Path) -> str:
     proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
                            f"--user-data-dir={profile}", "--virtual-time-budget=10000",
                            "--dump-dom", page.resolve().as_uri()],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 
