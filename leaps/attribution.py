@@ -297,7 +297,9 @@ class GradCAM(Attribution):
     clip weigh the channels that matter then; one weight per clip blurs what moves. The map is
     upsampled trilinearly to the input's ``T, H, W``. ``layer`` names a tap (default: the
     adapter's ``gradcam_layer``; should its output not reach the score, as the last block of a
-    class-token transformer does not, the last tap before it that does).
+    class-token transformer does not, or have a single spatial cell, as the last block of a
+    deep network on a small input does, the last tap before it that reaches the score on a
+    spatial grid; ``.tap`` tells which layer was used).
     """
 
     name = "gradcam"
@@ -346,13 +348,26 @@ class GradCAM(Attribution):
                              "[B, C, T, H, W]; pick a tap (`leaps layers` lists them)")
         return activation, gradient
 
-    def _layer_reaching_the_score(self, inputs: Tensor, targets: Tensor
-                                  ) -> tuple[Tensor, Tensor]:
-        """The layer's gradient is exactly zero: its output does not reach the score. That is
-        the case for the last block of a class-token transformer (the head reads only the class
-        token, which the last block's patch tokens no longer feed). With the adapter's default
-        layer, step back to the last tap that does reach it (and keep it); with a layer the
-        user named, say so."""
+    def _usable_layer(self, inputs: Tensor, targets: Tensor, activation: Tensor,
+                      gradient: Tensor) -> tuple[Tensor, Tensor]:
+        """Step back from a default layer that cannot explain anything.
+
+        Two cases: the layer's gradient is exactly zero - its output does not reach the score,
+        as for the last block of a class-token transformer (the head reads only the class
+        token, which that block's patch tokens no longer feed); or its grid is a single
+        spatial cell (a small input through a deep network), so every frame's map is flat.
+        With the adapter's default layer, the last earlier tap that has both a gradient and a
+        spatial grid is used (and kept for later calls); a layer the user named is used as it
+        is, except that a zero gradient is an error.
+        """
+        def reaches(grad: Tensor) -> bool:
+            return bool(grad.any())
+
+        def spatial(act: Tensor) -> bool:
+            return act.shape[3] * act.shape[4] > 1
+
+        if reaches(gradient) and (spatial(activation) or not self._default_layer):
+            return activation, gradient
         taps = list(getattr(self.model, "taps", []))
         names = [t.name for t in taps]
         index = names.index(self.tap.name) if self.tap.name in names else 0
@@ -363,13 +378,20 @@ class GradCAM(Attribution):
             raise LeapsError(f"layer {self.tap.name!r} does not reach the class score (its "
                              f"gradient is zero, as for the last block of a class-token "
                              f"transformer); {hint}")
+        fallback = (activation, gradient) if reaches(gradient) else None
+        chosen = self.tap
         for tap in earlier:
             self.tap = tap
-            activation, gradient = self.activations_and_gradients(inputs, targets)
-            if bool(gradient.any()):
-                return activation, gradient
-        raise LeapsError("no tap of the model reaches the class score (all gradients are "
-                         "zero); check that the model's output depends on its input")
+            act, grad = self.activations_and_gradients(inputs, targets)
+            if reaches(grad) and spatial(act):
+                return act, grad
+            if fallback is None and reaches(grad):
+                fallback, chosen = (act, grad), tap
+        self.tap = chosen
+        if fallback is None:
+            raise LeapsError("no tap of the model reaches the class score (all gradients are "
+                             "zero); check that the model's output depends on its input")
+        return fallback  # no tap has a spatial grid: the best there is
 
     def attribute(self, inputs: Tensor, target: Target = None, *, temporal: str = "frame",
                   relu: bool = True) -> Tensor:
@@ -379,8 +401,7 @@ class GradCAM(Attribution):
                              f"(one weight per channel), got {temporal!r}")
         targets = resolve_targets(self.model, inputs, target)
         activation, gradient = self.activations_and_gradients(inputs, targets)
-        if not bool(gradient.any()):
-            activation, gradient = self._layer_reaching_the_score(inputs, targets)
+        activation, gradient = self._usable_layer(inputs, targets, activation, gradient)
         dims = (3, 4) if temporal == "frame" else (2, 3, 4)
         weights = gradient.mean(dim=dims, keepdim=True)
         cam = (weights * activation).sum(dim=1, keepdim=True)

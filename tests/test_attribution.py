@@ -236,6 +236,28 @@ def test_gradcam_default_layer_steps_back_from_a_class_token_block():
         GradCAM(model, "blocks.15").attribute(clip, target=2)
 
 
+def test_gradcam_default_layer_steps_back_from_a_single_spatial_cell():
+    """A 32-pixel clip through ResNet-18 ends on a 1x1 grid: every frame's map would be flat.
+    The default layer steps back to the last tap with a spatial grid; a named one is kept."""
+    torch.manual_seed(0)
+    model = build_model("timm.resnet18_frames", reduced=True)
+    clip = torch.rand(1, *model.spec.shape, generator=torch.Generator().manual_seed(1))
+    from leaps.testing import capture_taps
+
+    with torch.no_grad():
+        _, outputs, _ = capture_taps(model, clip)
+    grids = {tap.name: tuple(out.shape[3:]) for tap, out in zip(model.taps, outputs)}
+    assert grids[model.gradcam_layer] == (1, 1)
+    expected = [name for name, grid in grids.items() if grid != (1, 1)][-1]
+    gradcam = GradCAM(model)
+    cam = gradcam.attribute(clip, target=5, relu=False)
+    assert gradcam.tap.name == expected
+    assert cam[0, 0, 0].std() > 0  # varies within a frame
+    named = GradCAM(model, model.gradcam_layer)
+    flat = named.attribute(clip, target=5, relu=False)
+    assert named.tap.name == model.gradcam_layer and flat[0, 0, 0].std() < 1e-6
+
+
 def test_gradcam_layer_names(trained):
     model = trained["model"]
     assert GradCAM(model).tap.name == model.gradcam_layer == "block3"
