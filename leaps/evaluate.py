@@ -20,6 +20,8 @@
       "targets": [str, ...],     # target class of each clip (samples of a target in a row)
       "seed": int, "samples": int, "iterations": int,
       "seconds_per_iteration": float | None,   # None when run.json does not record the time
+      "random_weights": [str, ...],   # models that judged with random weights (no checkpoint
+                                      # here): their verdicts are chance, not evidence
       "metrics": METRICS,
       "clips": [CLIP, ...],
     }
@@ -200,22 +202,27 @@ class _Models:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.cache: dict[tuple[Any, ...], Any] = {}
+        self.random: set[str] = set()
 
     def get(self, name: str, checkpoint: str | None = None, labels: str | None = None,
             reduced: bool = False) -> Any:
-        from leaps.registry import build_model
+        from leaps.registry import build_model, load_registry
 
         key = (name, checkpoint, labels, reduced)
         if key not in self.cache:
             self.cache[key] = build_model(name, checkpoint=checkpoint, labels=labels,
                                           reduced=reduced).to(self.device).eval()
+            # build_model loads an entry's own file by default, never a URL: without either,
+            # the weights are a fresh random draw and so are this model's verdicts
+            if checkpoint is None and load_registry().get(name).checkpoint_path() is None:
+                self.random.add(name)
         return self.cache[key]
 
 
 def _run_model(run: Run, models: _Models) -> Any:
     record = run.record
     checkpoint = record.get("checkpoint")
-    if checkpoint:
+    if checkpoint and checkpoint != "registry":  # "registry": the entry's own weights
         from leaps.adapter import sha256_file
 
         file = Path(checkpoint)
@@ -367,6 +374,7 @@ def _evaluate_run(run: Run, also: Sequence[str], models: _Models,
         "iterations": steps,
         "seconds_per_iteration": (float(elapsed) / steps if elapsed is not None and steps
                                   else None),
+        "random_weights": sorted(models.random & ({record["model"], verifier_name} | set(also))),
         "clips": clips,
     }
     result["metrics"] = _summarise(
@@ -625,6 +633,11 @@ def evaluate(run_dirs: tuple[Path, ...], also: tuple[str, ...], json_path: Path 
     result = evaluate_runs(run_dirs, also, device)
     print_table(result)
     click.echo(LEGEND)
+    unweighted = sorted({name for run in result["runs"] for name in run["random_weights"]})
+    if unweighted:
+        click.echo(f"warning: {', '.join(unweighted)} had no weights here (random "
+                   "initialisation): their top-1, IS and motion test are chance; give the "
+                   "runs' models trained weights", err=True)
     if json_path is not None:
         write_text(json_path, json.dumps(result, indent=2) + "\n")
         click.echo(f"wrote {json_path}")

@@ -166,6 +166,9 @@ def _run_section(run: Run, result: dict[str, Any], workdir: Path) -> str:
             f"{_esc(result['verifier'] or 'none')}, {result['iterations']} iterations, seed "
             f"{result['seed']}, {samples} sample(s) per class, input {run.video.shape[2]}×"
             f"{size}×{size}")
+    if result.get("random_weights"):
+        meta += (f' <span class="bad">— {_esc(", ".join(result["random_weights"]))} had no '
+                 "weights (random initialisation): their verdicts are chance</span>")
     rows = []
     for t, label in enumerate(targets):
         stimuli = []

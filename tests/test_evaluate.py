@@ -184,6 +184,7 @@ def test_evaluate_agrees_with_a_recomputation_from_the_saved_tensors(runs):
     assert sum(m["oracle"]["abstained"].values()) == sum(v.label is None for v in verdicts)
     assert m["diversity"] is None and m["diversity_groups"] == 0  # one sample per class
     assert run["iterations"] == 20 and run["verifier"] == "testeval.r2plus1d"
+    assert run["random_weights"] == []  # the run's checkpoint and the shipped (2+1)D weights
 
 
 def test_unseen_family_samples_and_pooling_over_runs(runs):
@@ -228,6 +229,19 @@ def test_seconds_per_iteration_from_the_recorded_time(runs, tmp_path):
     (copy / "run.json").write_text(json.dumps(record))
     result = evaluate_runs([copy])
     assert result["runs"][0]["seconds_per_iteration"] == pytest.approx(6.0 / 20)
+
+
+def test_a_run_of_the_registry_weights(runs, tmp_path):
+    """`--checkpoint registry` (the entry's shipped weights) is what evaluation rebuilds."""
+    run = invert("testeval.r2plus1d", targets=["up"], stimuli=[runs["root"] / "up.mp4"],
+                 checkpoint="registry", config=_config(iterations=5), out=tmp_path / "r",
+                 progress=False, on_warning=lambda _: None)
+    result = evaluate_runs([run.run_dir])["runs"][0]
+    assert result["verifier"] == "testeval.c3d" and result["metrics"]["clips"] == 1
+    # the c3d entry ships no weights: as a verifier it is a random draw, and says so
+    assert result["random_weights"] == ["testeval.c3d"]
+    assert result["metrics"]["target_prob"] == pytest.approx(run.metrics["target_prob"][0],
+                                                             abs=1e-6)
 
 
 def test_cli_prints_the_table_and_writes_json_and_markdown(runs, tmp_path):

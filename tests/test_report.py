@@ -210,11 +210,14 @@ def test_report_reuses_a_saved_evaluation_of_the_same_runs(runs, tmp_path):
     saved = tmp_path / "eval.json"
     evaluation = evaluate_runs([runs["a"]])
     evaluation["runs"][0]["metrics"]["target_prob"] = 0.123  # proves the file was used
+    evaluation["runs"][0]["random_weights"] = ["testreport.c3d"]
     saved.write_text(json.dumps(evaluation))
     result = CliRunner().invoke(cli, ["report", str(runs["a"]), "--evaluation", str(saved),
                                       "--out", str(tmp_path / "r.html")])
     assert result.exit_code == 0, result.output
-    assert "<td>0.12</td>" in (tmp_path / "r.html").read_text(encoding="utf-8")
+    markup = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "<td>0.12</td>" in markup
+    assert "testreport.c3d had no weights (random initialisation)" in markup
     result = CliRunner().invoke(cli, ["report", str(runs["b"]), "--evaluation", str(saved),
                                       "--out", str(tmp_path / "r2.html")])
     assert result.exit_code == 2
