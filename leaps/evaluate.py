@@ -137,10 +137,7 @@ def load_run(run_dir: str | Path) -> Run:
         raise LeapsError(f"{record_path} is not a leaps run record (a JSON object); re-run "
                          "`leaps invert`")
     _check_format(path, record)
-    missing = [key for key in REQUIRED_KEYS if key not in record]
-    if missing:
-        raise LeapsError(f"{record_path} lacks {', '.join(repr(k) for k in missing)}: it was "
-                         "not written by `leaps invert` of this version; re-run the inversion")
+    _check_fields(record_path, record)
     status = record["status"]
     if status != "done":
         fix = {"running": f"the inversion is still running, or was killed: wait for it, or "
@@ -184,13 +181,38 @@ def _check_format(path: Path, record: dict[str, Any]) -> None:
                              f"leaps {installed} reads run format {RUN_FORMAT}: evaluate it with "
                              f"the leaps that wrote it, or re-run the inversion")
         return
-    if written_by != installed:
-        raise LeapsError(f"{path} was written by leaps {written_by or 'of unknown version'}, "
-                         f"this is leaps {installed}: evaluate it with that version "
-                         f"(pip install leaps=={written_by}) or re-run the inversion"
-                         if written_by else
-                         f"{path} records no leaps version or run format; it was not written "
+    if not written_by:
+        raise LeapsError(f"{path} records no leaps version or run format; it was not written "
                          "by `leaps invert`: re-run the inversion")
+    if written_by != installed:
+        raise LeapsError(f"{path} was written by leaps {written_by}, this is leaps {installed}: "
+                         f"evaluate it with that version (pip install leaps=={written_by}) or "
+                         "re-run the inversion")
+
+
+def _check_fields(record_path: Path, record: dict[str, Any]) -> None:
+    """The fields the evaluation reads have the types `leaps invert` writes."""
+    def bad(field: str, expected: str) -> LeapsError:
+        return LeapsError(f"{record_path}: {field} must be {expected}; the record is damaged: "
+                          "re-run `leaps invert`")
+
+    missing = [key for key in REQUIRED_KEYS if key not in record]
+    if missing:
+        raise LeapsError(f"{record_path} lacks {', '.join(repr(k) for k in missing)}: it was "
+                         "not written by `leaps invert` of this version; re-run the inversion")
+    if not isinstance(record["config"], dict) or not isinstance(
+            record["config"].get("samples", 1), int) or record["config"].get("samples", 1) < 1:
+        raise bad("config", "an object whose 'samples' is a positive integer")
+    sizes = record["input"]
+    if not isinstance(sizes, dict) or not all(isinstance(sizes.get(k), int) and sizes[k] > 0
+                                              for k in ("frames", "size")):
+        raise bad("input", "an object with positive integers 'frames' and 'size'")
+    indices = record["target_indices"]
+    if not isinstance(indices, list) or not indices or not all(
+            isinstance(i, int) and i >= 0 for i in indices):
+        raise bad("target_indices", "a non-empty list of class indices")
+    if not isinstance(record["model"], str):
+        raise bad("model", "a registry model name")
 
 
 # -- models --------------------------------------------------------------------------------

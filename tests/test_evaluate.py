@@ -277,6 +277,8 @@ def _damage(source: Path, target: Path, how: str) -> Path:
         record["versions"]["leaps"] = "0.0.1"
     elif how == "other format":
         record["format"] = 99
+    elif how == "bad field":
+        record["input"] = {"frames": "eight", "size": 32}
     elif how == "missing key":
         del record["target_indices"]
     elif how == "corrupt video":
@@ -297,6 +299,7 @@ def _damage(source: Path, target: Path, how: str) -> Path:
     ("other version", "written by leaps 0.0.1"),
     ("other format", "run format 1"),
     ("missing key", "lacks 'target_indices'"),
+    ("bad field", "input must be an object with positive integers"),
     ("corrupt video", "video.pt cannot be read"),
     ("wrong shape", "(1, 3, 4, 16, 16)"),
     ("corrupt json", "not valid JSON"),
