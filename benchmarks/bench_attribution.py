@@ -57,11 +57,12 @@ def train(model: nn.Module, classes: tuple[str, ...], epochs: int, clips_per_cla
     return time.perf_counter() - started
 
 
-def load(name: str, reduced: bool, epochs: int) -> tuple[nn.Module, tuple[str, ...], dict]:
+def load(name: str, reduced: bool, epochs: int, checkpoint: str | None = None
+         ) -> tuple[nn.Module, tuple[str, ...], dict]:
     """The model and the motion classes it knows (trained here first when ``epochs``)."""
     from leaps.registry import build_model
 
-    info: dict = {}
+    info: dict = {"checkpoint": checkpoint} if checkpoint else {}
     if epochs:
         with tempfile.TemporaryDirectory() as tmp:
             labels = Path(tmp) / "motion.txt"
@@ -71,7 +72,7 @@ def load(name: str, reduced: bool, epochs: int) -> tuple[nn.Module, tuple[str, .
         info["train_seconds"] = round(train(model, MOTION_CLASSES, epochs), 1)
         info["trained_epochs"] = epochs
         return model, MOTION_CLASSES, info
-    model = build_model(name, reduced=reduced)
+    model = build_model(name, checkpoint=checkpoint, reduced=reduced)
     unknown = [c for c in model.labels if c not in MOTION_CLASSES]
     if unknown:
         raise SystemExit(f"{name} does not know the motion classes (it has e.g. {unknown[0]!r});"
@@ -80,11 +81,11 @@ def load(name: str, reduced: bool, epochs: int) -> tuple[nn.Module, tuple[str, .
 
 
 def evaluate(name: str, methods: list[str], clips_per_class: int, reduced: bool, epochs: int,
-             steps: int, params: dict[str, dict]) -> dict:
+             steps: int, params: dict[str, dict], checkpoint: str | None = None) -> dict:
     from leaps.attribution import get_method, heatmap
     from leaps.faithfulness import deletion_curve, hit_rate, insertion_curve
 
-    model, classes, info = load(name, reduced, epochs)
+    model, classes, info = load(name, reduced, epochs, checkpoint)
     spec = model.spec
     # seed 1000: clips the demo zoo and --train never saw
     videos, labels, masks = make_dataset(clips_per_class, spec.frames, spec.size, seed=1000,
@@ -140,15 +141,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="train each model on motion clips first (models that do not know "
                              "the motion classes)")
     parser.add_argument("--reduced", action="store_true", help="models at their test size")
+    parser.add_argument("--checkpoint", help="weights to load (one model only) [default: the "
+                                             "registry's]")
     parser.add_argument("--ig-steps", type=int, default=32, help="Integrated Gradients steps")
     parser.add_argument("--iterations", type=int, default=300, help="perturbation steps")
     parser.add_argument("--json", action="store_true", help="print JSON lines, not tables")
     args = parser.parse_args(argv)
+    if args.checkpoint and len(args.models) > 1:
+        parser.error("--checkpoint needs exactly one model")
     params = {"integrated_gradients": {"n_steps": args.ig_steps, "internal_batch_size": 64},
               "perturbation": {"iterations": args.iterations}}
     for name in args.models:
         result = evaluate(name, args.methods.split(","), args.clips, args.reduced, args.train,
-                          args.steps, params)
+                          args.steps, params, args.checkpoint)
         if args.json:
             print(json.dumps(result))
         else:

@@ -26,7 +26,7 @@ import difflib
 import inspect
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from leaps.adapter import Tap, VideoClassifier, as_video
 from leaps.errors import LeapsError
 
-Target = Union[int, Sequence[int], Tensor, None]
+Target = int | Sequence[int] | Tensor | None
 
 
 # -------------------------------------------------------------------------------- helpers
@@ -289,8 +289,8 @@ class GradCAM(Attribution):
     With ``A`` the layer's activation as video ``[B, C, T', H', W']`` (a transformer tap is
     reshaped by the adapter's tap function, class tokens dropped) and ``G = d score / d A``:
 
-        temporal="frame" (default):  w[b,c,t] = mean_{h,w} G[b,c,t,h,w]
-        temporal="clip"             :  w[b,c]   = mean_{t,h,w} G[b,c,t,h,w]   (Captum's LayerGradCam)
+        temporal="frame" (default): w[b,c,t] = mean_{h,w} G[b,c,t,h,w]
+        temporal="clip":            w[b,c]   = mean_{t,h,w} G[b,c,t,h,w]  (Captum's LayerGradCam)
         cam[b,t,h,w] = ReLU(sum_c w * A[b,c,t,h,w])
 
     Per-time-step weights (as VideoVisual and mmaction2 compute them) let each moment of the

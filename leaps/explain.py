@@ -119,8 +119,14 @@ def _folder_names(videos: Sequence[str | Path]) -> list[str]:
 
 def _write_video_outputs(folder: Path, item: Explanation, fps: float, alpha: float) -> list[str]:
     from leaps.runs import write_json
-    from leaps.video import colormap, overlay_heatmap, save_tensor, write_gif, write_grid_png, \
-        write_mp4
+    from leaps.video import (
+        colormap,
+        overlay_heatmap,
+        save_tensor,
+        write_gif,
+        write_grid_png,
+        write_mp4,
+    )
 
     folder.mkdir(parents=True)
     overlay = overlay_heatmap(item.clip, item.heatmap, alpha=alpha)
