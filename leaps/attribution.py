@@ -56,6 +56,10 @@ def resolve_targets(model: nn.Module, inputs: Tensor, target: Target) -> Tensor:
     if indices.numel() != batch:
         raise LeapsError(f"{indices.numel()} targets for a batch of {batch} clips; give one "
                          "target, or one per clip")
+    classes = len(model.labels) if isinstance(model, VideoClassifier) else 0
+    if classes and not bool(((indices >= 0) & (indices < classes)).all()):
+        raise LeapsError(f"target indices {indices.tolist()} out of range: the model has "
+                         f"{classes} classes (0..{classes - 1})")
     return indices
 
 

@@ -384,6 +384,10 @@ def test_method_names_and_heatmaps(trained):
                             "smoothgrad", "gradcam", "perturbation"}
     with pytest.raises(LeapsError, match="did you mean 'gradcam'"):
         get_method("gradcm")
+    with pytest.raises(LeapsError, match="out of range: the model has 4 classes"):
+        GradCAM(trained["model"]).attribute(trained["clips"][:2], target=[0, 4])
+    with pytest.raises(LeapsError, match="3 targets for a batch of 2"):
+        Saliency(trained["model"]).attribute(trained["clips"][:2], target=[0, 1, 2])
     pixel = torch.randn(2, 3, 4, 8, 8)
     heat = heatmap(pixel, percentile=100)
     assert heat.shape == (2, 4, 8, 8) and heat.min() >= 0 and heat.max() == 1
