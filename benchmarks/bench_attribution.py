@@ -18,6 +18,7 @@ the demo zoo (``leaps models demo``), or any registry model trained here first w
     python benchmarks/bench_attribution.py demo.x3d demo.mvit
     python benchmarks/bench_attribution.py example.tiny3d --reduced --train 12
     python benchmarks/bench_attribution.py demo.x3d --methods gradcam,perturbation --json
+    python benchmarks/bench_attribution.py demo.csn --methods gradcam,gradcam@blocks.2.res_blocks.3
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def load(name: str, reduced: bool, epochs: int, checkpoint: str | None = None
 
 def evaluate(name: str, methods: list[str], clips_per_class: int, reduced: bool, epochs: int,
              steps: int, params: dict[str, dict], checkpoint: str | None = None) -> dict:
-    from leaps.attribution import get_method, heatmap
+    from leaps.attribution import GradCAM, get_method, heatmap
     from leaps.faithfulness import deletion_curve, hit_rate, insertion_curve
 
     model, classes, info = load(name, reduced, epochs, checkpoint)
@@ -94,15 +95,20 @@ def evaluate(name: str, methods: list[str], clips_per_class: int, reduced: bool,
         accuracy = float((model(videos).argmax(1) == labels).float().mean())
     rows = {}
     generator = torch.Generator().manual_seed(0)
-    candidates = [("random", None)] + [(m, get_method(m)) for m in methods]
-    for label, method in candidates:
+    for label in ["random", *methods]:
         started = time.perf_counter()
-        if method is None:
+        if label == "random":
             heat = torch.rand(masks.shape, generator=generator)
         else:
-            maps = [method(model).attribute(batch, target=target, **params.get(method.name, {}))
+            # "gradcam@LAYER": Grad-CAM on a named tap; otherwise the method's defaults
+            method_name, _, layer = label.partition("@")
+            method = get_method(method_name)
+            explainer = GradCAM(model, layer or None) if method is GradCAM else method(model)
+            maps = [explainer.attribute(batch, target=target, **params.get(method.name, {}))
                     for batch, target in zip(videos.split(16), labels.split(16))]
             heat = heatmap(torch.cat(maps))
+            if isinstance(explainer, GradCAM):
+                label = f"gradcam@{explainer.tap.name}"  # the layer used
         seconds = (time.perf_counter() - started) / len(videos)
         rows[label] = {
             "hit": hit_rate(heat, masks),
@@ -133,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", help="registry model names (e.g. demo.x3d)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help="comma-separated attribution methods [%(default)s]")
+                        help="comma-separated attribution methods; gradcam@LAYER for Grad-CAM "
+                             "on a named tap [%(default)s]")
     parser.add_argument("--clips", type=int, default=4, help="clips per class [%(default)s]")
     parser.add_argument("--steps", type=int, default=16,
                         help="deletion/insertion steps [%(default)s]")
