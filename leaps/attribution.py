@@ -25,6 +25,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import typing
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -152,6 +153,28 @@ class Attribution:
         signature = inspect.signature(cls.attribute)
         return {name: p.default for name, p in signature.parameters.items()
                 if name not in ("self", "inputs", "target") and p.kind is p.KEYWORD_ONLY}
+
+    @classmethod
+    def check_parameters(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """``params`` merged over the defaults; an unknown name or a value of the wrong type
+        (by the annotation of :meth:`attribute`; an int is a float) is a :class:`LeapsError`."""
+        allowed = cls.parameters()
+        unknown = sorted(set(params) - set(allowed))
+        if unknown:
+            listed = ", ".join(allowed) if allowed else "none"
+            raise LeapsError(f"{cls.name} has no parameter {unknown[0]!r}; its parameters: "
+                             f"{listed}")
+        hints = typing.get_type_hints(cls.attribute)
+        for key, value in params.items():
+            kinds = typing.get_args(hints[key]) or (hints[key],)
+            ok = any(isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+                     for kind in kinds)
+            ok = ok or (float in kinds and isinstance(value, int) and not isinstance(value, bool))
+            if not ok:
+                expected = " or ".join(k.__name__ for k in kinds)
+                raise LeapsError(f"{cls.name} parameter {key} must be {expected}, got "
+                                 f"{value!r}")
+        return {**allowed, **params}
 
 
 class Saliency(Attribution):

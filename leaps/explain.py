@@ -76,18 +76,12 @@ def _parse_value(text: str) -> Any:
     return text
 
 
-def _check_params(method: type, params: dict[str, Any], layer: str | None) -> dict[str, Any]:
-    """The method's full parameter set (defaults updated by ``params``); unknown keys fail."""
-    allowed = method.parameters()
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        listed = ", ".join(allowed) if allowed else "none"
-        raise LeapsError(f"{method.name} has no parameter {unknown[0]!r}; its parameters: "
-                         f"{listed}")
+def _check_params(method: Any, params: dict[str, Any], layer: str | None) -> dict[str, Any]:
+    """The method's full parameter set (defaults updated by ``params``), checked."""
     if layer is not None and method.name != "gradcam":
         raise LeapsError(f"--layer applies to gradcam only, not {method.name}; drop it or pass "
                          "--method gradcam")
-    return {**allowed, **params}
+    return method.check_parameters(params)
 
 
 def _check_out(out: Path) -> None:

@@ -159,6 +159,7 @@ def test_cli_explains_with_method_parameters(setup, tmp_path):
     (["--layer", "block7"], "has no layer 'block7'"),
     (["-p", "steps=3"], "gradcam has no parameter 'steps'"),
     (["--method", "perturbation", "-p", "area=2"], "area must lie in"),
+    (["--method", "ig", "-p", "n_steps=many"], "parameter n_steps must be int, got 'many'"),
     (["--method", "saliency", "--layer", "block1"], "--layer applies to gradcam only"),
     (["VIDEO:missing.mp4"], "not found"),
     (["VIDEO:corrupt.mp4"], "corrupt"),
