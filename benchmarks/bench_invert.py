@@ -4,7 +4,9 @@ For each case it measures, on the same batch and device:
   plain     seconds of one forward+backward to the input of the model, and of the verifier
   leaps     seconds of one LEAPS iteration (jitter, flip, all terms, Adam step, clamp)
 and prints the ratios leaps / (model + verifier) and, for verifier = self, leaps / model,
-plus the ratio of peak resident memory (each measurement runs in its own process).
+plus the ratio of peak resident memory. Times come from one process that interleaves the four
+measurements block by block and takes medians, so load from other processes hits numerator
+and denominator alike; each peak-memory figure comes from a fresh process of its own.
 
     python benchmarks/bench_invert.py              # all cases, batch 2
     python benchmarks/bench_invert.py --case r3d   # one case
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -51,15 +54,8 @@ def _time(step, iterations: int, warmup: int) -> float:
     return (time.perf_counter() - start) / iterations
 
 
-def measure(case: str, what: str, batch: int, iterations: int, warmup: int) -> dict:
-    """One measurement, run in a fresh process so that its peak memory is its own.
-
-    plain_model: model fwd+bwd; plain_pair: model and verifier fwd+bwd (both loaded);
-    leaps_other / leaps_self: LEAPS iterations with the verifier / with verifier = self.
-    """
-    from dataclasses import replace
-
-    from leaps.invert import Inverter, InvertConfig, resample
+def _setup(case: str, batch: int):
+    from leaps.invert import resample
 
     model_name, verifier_name, size = CASES[case]
     spec, model = _build(model_name, size)
@@ -75,40 +71,97 @@ def measure(case: str, what: str, batch: int, iterations: int, warmup: int) -> d
             torch.nn.functional.cross_entropy(net(view), target).backward()
         return step
 
-    result: dict = {"verifier": verifier_name}
-    if what == "plain_model":
-        result["seconds"] = _time(plain(model), iterations, warmup)
-    elif what == "plain_pair":
-        _, verifier = _build(verifier_name, None)
-        verifier.requires_grad_(False)
-        result["seconds"] = _time(plain(model), iterations, warmup)
-        result["verifier_seconds"] = _time(plain(verifier), iterations, warmup)
-    else:
-        verifier = "self"
-        if what == "leaps_other":
-            _, verifier = _build(verifier_name, None)
-        config = InvertConfig(iterations=warmup, log_every=10**9, save_every=10**9,
-                              samples=batch, device="cpu")
-        config = config.with_registry_defaults(**vars(spec.leaps))
-        inverter = Inverter(model, [0], [torch.rand(1, *model.spec.shape)], config, verifier)
-        state = inverter.run()
-        inverter.config = replace(config, iterations=warmup + iterations)
-        start = time.perf_counter()
-        inverter.run(state)
-        result["seconds"] = (time.perf_counter() - start) / iterations
-    result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return spec, model, verifier_name, plain
+
+
+def _inverter(spec, model, verifier, batch: int, warmup: int):
+    from leaps.invert import Inverter, InvertConfig
+
+    config = InvertConfig(iterations=warmup, log_every=10**9, save_every=10**9,
+                          samples=batch, device="cpu")
+    config = config.with_registry_defaults(**vars(spec.leaps))
+    inverter = Inverter(model, [0], [torch.rand(1, *model.spec.shape)], config, verifier)
+    return inverter, inverter.run()
+
+
+def measure_time(case: str, batch: int, iterations: int, warmup: int, rounds: int) -> dict:
+    """All four timings in ONE process, interleaved block by block (median over rounds), so
+    that load from other processes hits numerator and denominator alike."""
+    from dataclasses import replace
+
+    spec, model, verifier_name, plain = _setup(case, batch)
+    _, verifier = _build(verifier_name, None)
+    verifier.requires_grad_(False)
+    leaps_other, other_state = _inverter(spec, model, verifier, batch, warmup)
+    leaps_self, self_state = _inverter(spec, model, "self", batch, warmup)
+    states = {"other": other_state, "self": self_state}
+
+    def leaps_block(inverter, key):
+        def block():
+            state = states[key]
+            inverter.config = replace(inverter.config, iterations=state.step + iterations)
+            states[key] = inverter.run(state)
+        return block
+
+    def plain_block(net):
+        step = plain(net)
+
+        def block():
+            for _ in range(iterations):
+                step()
+        return block
+
+    blocks = {"model": plain_block(model), "verifier": plain_block(verifier),
+              "leaps_other": leaps_block(leaps_other, "other"),
+              "leaps_self": leaps_block(leaps_self, "self")}
+    for block in blocks.values():  # warm-up
+        block()
+    times: dict[str, list[float]] = {name: [] for name in blocks}
+    for _ in range(rounds):
+        for name, block in blocks.items():
+            start = time.perf_counter()
+            block()
+            times[name].append((time.perf_counter() - start) / iterations)
+    result = {name: statistics.median(values) for name, values in times.items()}
+    result["verifier_name"] = verifier_name
     return result
 
 
+def measure_memory(case: str, what: str, batch: int, iterations: int, warmup: int) -> dict:
+    """Peak resident memory of one configuration, alone in a fresh process.
+
+    plain_model: model fwd+bwd; plain_pair: model and verifier fwd+bwd (both loaded);
+    leaps_other / leaps_self: LEAPS iterations with the verifier / with verifier = self.
+    """
+    spec, model, verifier_name, plain = _setup(case, batch)
+    if what in ("plain_model", "plain_pair"):
+        nets = [model]
+        if what == "plain_pair":
+            _, verifier = _build(verifier_name, None)
+            verifier.requires_grad_(False)
+            nets.append(verifier)
+        for net in nets:
+            _time(plain(net), iterations, warmup)
+    else:
+        verifier = "self" if what == "leaps_self" else _build(verifier_name, None)[1]
+        _inverter(spec, model, verifier, batch, warmup + iterations)
+    return {"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _subprocess(args: argparse.Namespace, *measure: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--measure", *measure,
+                           "--batch", str(args.batch), "--iterations", str(args.iterations),
+                           "--warmup", str(args.warmup), "--rounds", str(args.rounds)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(measure)} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_case(case: str, args: argparse.Namespace) -> dict:
-    results = {}
+    results = {"time": _subprocess(args, case, "time")}
     for what in ("plain_model", "plain_pair", "leaps_other", "leaps_self"):
-        proc = subprocess.run([sys.executable, __file__, "--measure", case, what,
-                               "--batch", str(args.batch), "--iterations", str(args.iterations),
-                               "--warmup", str(args.warmup)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"{case}/{what} failed:\n{proc.stderr[-2000:]}")
-        results[what] = json.loads(proc.stdout.strip().splitlines()[-1])
+        results[what] = _subprocess(args, case, what)
     return results
 
 
@@ -116,28 +169,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=sorted(CASES), action="append")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--iterations", type=int, default=2, help="iterations per timed block")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(*args.measure, args.batch, args.iterations, args.warmup)))
+        case, what = args.measure
+        result = (measure_time(case, args.batch, args.iterations, args.warmup, args.rounds)
+                  if what == "time" else
+                  measure_memory(case, what, args.batch, args.iterations, args.warmup))
+        print(json.dumps(result))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
-          f"{args.iterations} timed iterations after {args.warmup} warm-up")
-    header = (f"{'case':8} {'verifier':24} {'model s':>8} {'verif s':>8} {'leaps s':>8} "
-              f"{'ratio':>6} {'self s':>8} {'ratio':>6} {'mem':>5} {'mem self':>8}")
-    print(header)
+          f"median of {args.rounds} interleaved rounds of {args.iterations} iterations")
+    print(f"{'case':8} {'verifier':24} {'model s':>8} {'verif s':>8} {'leaps s':>8} "
+          f"{'ratio':>6} {'self s':>8} {'ratio':>6} {'mem':>5} {'mem self':>8}")
     for case in args.case or list(CASES):
         r = run_case(case, args)
-        m = r["plain_model"]["seconds"]
-        pair = r["plain_pair"]["seconds"] + r["plain_pair"]["verifier_seconds"]
-        lo, ls = r["leaps_other"]["seconds"], r["leaps_self"]["seconds"]
+        t = r["time"]
+        pair = t["model"] + t["verifier"]
         mem_other = r["leaps_other"]["peak_mib"] / r["plain_pair"]["peak_mib"]
         mem_self = r["leaps_self"]["peak_mib"] / r["plain_model"]["peak_mib"]
-        print(f"{case:8} {r['leaps_other']['verifier']:24} {m:8.3f} "
-              f"{r['plain_pair']['verifier_seconds']:8.3f} {lo:8.3f} {lo / pair:6.2f} "
-              f"{ls:8.3f} {ls / m:6.2f} {mem_other:5.2f} {mem_self:8.2f}")
+        print(f"{case:8} {t['verifier_name']:24} {t['model']:8.3f} {t['verifier']:8.3f} "
+              f"{t['leaps_other']:8.3f} {t['leaps_other'] / pair:6.2f} {t['leaps_self']:8.3f} "
+              f"{t['leaps_self'] / t['model']:6.2f} {mem_other:5.2f} {mem_self:8.2f}")
+
 
 if __name__ == "__main__":
     main()

@@ -12,12 +12,17 @@ import click
 from leaps.errors import LeapsError
 
 
-# Commands defined in their own modules, imported only when run (keeps `leaps --help` fast).
+# Commands defined in their own modules, imported only when run (keeps `leaps --help` fast):
+# name -> (module:attribute, the one-line help `leaps --help` shows).
 LAZY_COMMANDS = {
-    "explain": "leaps.explain:explain",
-    "evaluate": "leaps.evaluate:evaluate",
-    "report": "leaps.report:report",
-    "train-demo": "leaps.demo:train_demo",
+    "explain": ("leaps.explain:explain",
+                "Explain a model's decision on videos (saliency, IG, Grad-CAM, perturbation)."),
+    "evaluate": ("leaps.evaluate:evaluate",
+                 "Measure inversion runs: top-1, IS, motion test and oracle, naturalness."),
+    "report": ("leaps.report:report",
+               "Write one static HTML page of inversion runs with their evaluation."),
+    "train-demo": ("leaps.demo:train_demo",
+                   "Train the demo zoo on the synthetic motion dataset."),
 }
 
 
@@ -27,19 +32,23 @@ class LeapsGroup(click.Group):
     Commands named in LAZY_COMMANDS are imported when first used."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        available = [name for name, target in LAZY_COMMANDS.items()
-                     if _module_exists(target.split(":")[0])]
-        return sorted([*super().list_commands(ctx), *available])
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         command = super().get_command(ctx, name)
         if command is None and name in LAZY_COMMANDS:
-            module_name, attr = LAZY_COMMANDS[name].split(":")
-            if _module_exists(module_name):
-                import importlib
+            import importlib
 
-                command = getattr(importlib.import_module(module_name), attr)
+            module_name, attr = LAZY_COMMANDS[name][0].split(":")
+            command = getattr(importlib.import_module(module_name), attr)
         return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, command.get_short_help_str(limit=formatter.width - 24))
+                for name, command in sorted(self.commands.items())]
+        rows += [(name, help_line) for name, (_, help_line) in LAZY_COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(sorted(rows))
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -47,12 +56,6 @@ class LeapsGroup(click.Group):
         except LeapsError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
-
-
-def _module_exists(name: str) -> bool:
-    from importlib.util import find_spec
-
-    return find_spec(name) is not None
 
 
 @click.group(cls=LeapsGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -169,7 +172,7 @@ def _config_options(command: Any) -> Any:
     """One CLI option per InvertConfig field, documented by the field's help metadata."""
     from dataclasses import MISSING, fields
 
-    from leaps.invert import FLIP_MODES, InvertConfig
+    from leaps.config import FLIP_MODES, InvertConfig
 
     for f in reversed(fields(InvertConfig)):
         flag = "--" + f.name.replace("_", "-")
@@ -195,7 +198,8 @@ def _config_options(command: Any) -> Any:
 @click.option("--model", help="Registry model to invert (`leaps models`).")
 @click.option("--adapter", help="Adapter name; without --model, its default registry model.")
 @click.option("--target", "targets", multiple=True,
-              help="Target class name or index; repeat for a batch of targets.")
+              help="Target class name or index; repeat for a batch of targets; `all` for every "
+                   "class of the label set.")
 @click.option("--stimulus", "stimuli", multiple=True,
               help="Stimulus video (mp4/avi/webm/mkv/gif) or frame folder; repeat for "
                    "multi-stimulus priming; CLASS=PATH assigns it to one of several targets.")
@@ -217,7 +221,7 @@ def invert(model: str | None, adapter: str | None, targets: tuple[str, ...],
            **options: Any) -> None:
     """Synthesize videos of target classes from what a model learned (LEAPS)."""
     from leaps import runs
-    from leaps.invert import InvertConfig
+    from leaps.config import InvertConfig
     from leaps.invert import invert as run_inversion
 
     config = InvertConfig(**{k: v for k, v in options.items() if v is not None})

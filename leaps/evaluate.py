@@ -77,12 +77,11 @@ from torch import Tensor
 from leaps import metrics
 from leaps.datasets import MOTION_CLASSES, make_dataset
 from leaps.errors import LeapsError
+from leaps.runs import RUN_FILE, RUN_FORMAT
 
-RUN_FILE = "run.json"
 VIDEO_FILE = "video.pt"
-# The run.json layout this module reads. A run.json carrying another "format" is refused; one
-# without the field (written before it existed) must come from this very leaps version.
-RUN_FORMAT = 1
+# A run.json carrying another "format" than runs.RUN_FORMAT is refused; one without the field
+# (written before it existed) must come from this very leaps version.
 # Keys of run.json the evaluation needs, all written by `leaps invert`.
 REQUIRED_KEYS = ("status", "model", "verifier", "reduced", "target_indices", "target_names",
                  "config", "input")

@@ -11,6 +11,7 @@ import copy
 import math
 import random
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -22,80 +23,9 @@ from torch import Tensor
 
 from leaps import losses
 from leaps.adapter import NormLayer, VideoClassifier
+from leaps.config import FLIP_MODES, InvertConfig  # noqa: F401  (re-exported API)
 from leaps.errors import LeapsError
 from leaps.taps import NormStatsRecorder, TapRecorder
-
-FLIP_MODES = ("auto", "on", "off", "swap")
-
-
-@dataclass
-class InvertConfig:
-    """Every knob of an inversion. ``None`` hyperparameters come from the registry entry.
-
-    Each field's ``help`` metadata is its documentation (the CLI shows it as the option help).
-    """
-
-    iterations: int = field(default=2000, metadata={"help": "Optimisation steps."})
-    lr: float = field(default=0.1, metadata={"help": "Adam learning rate (pixel space)."})
-    warmup: float = field(default=0.05, metadata={
-        "help": "Fraction of the steps with a linear learning-rate warm-up (then cosine to 0)."})
-    lambda_1: float | None = field(default=None, metadata={
-        "help": "Priming weight of the first tap (default: the registry's Table S1 value)."})
-    lambda_L: float | None = field(default=None, metadata={
-        "help": "Priming weight of the last tap; linear in between (default: registry)."})
-    r: float | None = field(default=None, metadata={
-        "help": "Weight of the regularisers R_coh + R_feat (default: registry)."})
-    ce_weight: float = field(default=1.0, metadata={"help": "Weight of L_CE (ablations)."})
-    priming_weight: float = field(default=1.0, metadata={"help": "Weight of L_prim (ablations)."})
-    coherence_weight: float = field(default=1.0, metadata={
-        "help": "Weight of R_coh inside r(...) (ablations)."})
-    feature_weight: float = field(default=1.0, metadata={
-        "help": "Weight of R_feat inside r(...) (ablations)."})
-    priming_fraction: float = field(default=1.0, metadata={
-        "help": "Prime the first ceil(fraction x L) taps (paper S4; 1 = all taps, as LEAPS)."})
-    coherence_margin: float | None = field(default=None, metadata={
-        "help": "delta of R_coh (default: measured on the stimuli, their mean distance between "
-                "non-consecutive frames)."})
-    first_norm_weight: float = field(default=10.0, metadata={
-        "help": "R_feat weight of the verifier's first norm layer (the others weigh 1)."})
-    jitter: float = field(default=0.125, metadata={
-        "help": "Random spatial roll each step, up to this fraction of the crop size."})
-    flip: str = field(default="auto", metadata={
-        "help": "Horizontal flip each step: on, off, swap (flip and swap the target with its "
-                "mirror class), auto (swap where the label set declares mirrors, else on)."})
-    samples: int = field(default=1, metadata={"help": "Clips synthesized per target."})
-    seed: int = field(default=0, metadata={"help": "Seed of the initial noise and the jitter."})
-    log_every: int = field(default=25, metadata={
-        "help": "Steps between loss logs (the only host synchronisation in the loop)."})
-    save_every: int = field(default=100, metadata={
-        "help": "Steps between saves of the resumable state (also saved on Ctrl-C)."})
-    device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu, cuda:N."})
-    channels_last: bool = field(default=False, metadata={"help": "Use channels_last_3d memory."})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model."})
-
-    def with_registry_defaults(self, lambda_1: float, lambda_L: float, r: float) -> InvertConfig:
-        return replace(self,
-                       lambda_1=lambda_1 if self.lambda_1 is None else self.lambda_1,
-                       lambda_L=lambda_L if self.lambda_L is None else self.lambda_L,
-                       r=r if self.r is None else self.r)
-
-    def validate(self) -> None:
-        if self.iterations < 1:
-            raise LeapsError(f"iterations must be >= 1, got {self.iterations}")
-        if self.flip not in FLIP_MODES:
-            raise LeapsError(f"flip must be one of {', '.join(FLIP_MODES)}, got {self.flip!r}")
-        if not 0 < self.priming_fraction <= 1:
-            raise LeapsError(f"priming fraction must be in (0, 1], got {self.priming_fraction}")
-        if self.samples < 1:
-            raise LeapsError(f"samples must be >= 1, got {self.samples}")
-        if not 0 <= self.warmup < 1:
-            raise LeapsError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> InvertConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
 
 TERMS = ("total", "ce", "priming", "coherence", "feature", "target_prob")
 
@@ -159,7 +89,10 @@ class Inverter:
     """Synthesizes ``samples`` clips per target class from ``model``, primed by ``stimuli``.
 
     ``stimuli[i]`` is a ``[N_i, 3, T, H, W]`` batch in [0, 1] for ``targets[i]`` (several
-    stimuli = multi-stimulus priming: their mean embedding). ``verifier`` is another
+    stimuli = multi-stimulus priming: their mean embedding). Without stimuli (an empty
+    sequence; only with ``priming_weight`` 0) there is no priming, the coherence margin is
+    ``coherence_margin`` or 0 (consecutive frames pulled together, nothing pushed apart), and a
+    verifier without running statistics cannot be used. ``verifier`` is another
     VideoClassifier, ``"self"`` or ``None``.
     """
 
@@ -169,8 +102,11 @@ class Inverter:
         config.validate()
         if None in (config.lambda_1, config.lambda_L, config.r):
             raise LeapsError("lambda_1, lambda_L and r must be set (registry defaults)")
-        if len(stimuli) != len(targets):
-            raise ValueError("one stimulus batch per target")
+        if stimuli and len(stimuli) != len(targets):
+            raise ValueError("one stimulus batch per target (or none at all)")
+        if not stimuli and config.priming_weight > 0:
+            raise LeapsError("LEAPS primes the model with stimulus videos of the target class: "
+                             "give stimuli (or set the priming weight to 0)")
         self.config = config
         self.device = resolve_device(config.device)
         self.model = model.to(self.device).eval()
@@ -209,6 +145,10 @@ class Inverter:
     def _prime(self, stimuli: list[Tensor]) -> Priming:
         config = self.config
         samples = config.samples
+        if not stimuli:
+            margin = torch.tensor(float(config.coherence_margin or 0.0), device=self.device)
+            return Priming([], [], torch.zeros(0, device=self.device), margin,
+                           self._norm_targets([]), [[] for _ in self.targets])
         per_target, per_target_flipped, predictions, frames = [], [], [], []
         for batch in stimuli:
             self.tap_recorder.reset()
@@ -241,6 +181,10 @@ class Inverter:
             return [(layer.running_mean.float(), layer.running_var.float())
                     for layer in self.norm_layers]
         spec = self.verifier.spec  # type: ignore[union-attr]
+        if not stimuli:
+            raise LeapsError("the verifier has no running statistics (no BatchNorm) and there "
+                             "are no stimuli to estimate them from; give stimuli, a verifier "
+                             "with BatchNorm, or no verifier")
         clips = torch.cat([resample(s, spec.frames, spec.size) for s in stimuli])
         assert self.norm_recorder is not None
         self.norm_recorder.reset()
@@ -279,8 +223,9 @@ class Inverter:
                 self.verifier(resample(video, spec.frames, spec.size))
         terms = {
             "ce": losses.cross_entropy(logits, target),
-            "priming": losses.priming_loss(self.tap_recorder.collected(), stimulus,
-                                           self.priming.weights),
+            "priming": (losses.priming_loss(self.tap_recorder.collected(), stimulus,
+                                            self.priming.weights)
+                        if stimulus else logits.new_zeros(())),
             "coherence": losses.coherence_loss(self.tap_recorder.frames, self.priming.margin),
             "feature": (losses.feature_stats_loss(self.norm_recorder.collected(),
                                                   self.priming.norm_targets, self.norm_weights)
@@ -514,20 +459,31 @@ def invert(model: str | None = None, *, adapter: str | None = None,
     else:
         run_dir = Path(out) if out is not None else None
         if not targets:
-            raise LeapsError("name at least one target class (--target CLASS)")
-        if not stimuli and (config is None or config.priming_weight > 0):
-            raise LeapsError("LEAPS primes the model with stimulus videos of the target class: "
-                             "pass --stimulus PATH (or --priming-weight 0 to invert without "
-                             "priming)")
-        groups = group_stimuli(targets, stimuli) if stimuli else [[] for _ in targets]
+            raise LeapsError("name at least one target class (--target CLASS, or --target all)")
+        groups = group_stimuli(targets, stimuli) if stimuli else []
     registry = load_registry()
     spec = registry.resolve(model, adapter)
     classifier = build_model(spec.name, checkpoint=checkpoint, labels=labels, reduced=reduced)
     class_names = classifier.labels
+    if state is None and list(targets) == ["all"] and "all" not in class_names:
+        targets = list(class_names)
     indices = [resolve_target(t, class_names) for t in targets]
+    priming = (config or InvertConfig()).priming_weight > 0
+    if state is None and not groups and priming:
+        groups = [[str(p) for p in spec.stimulus_files(class_names[i])] for i in indices]
+        missing = [class_names[i] for i, group in zip(indices, groups) if not group]
+        if missing:
+            raise LeapsError("LEAPS primes the model with stimulus videos of the target class "
+                             f"and {spec.name!r} ships none for {', '.join(missing)}: pass "
+                             "--stimulus PATH (or --priming-weight 0 to invert without priming)")
     fs = classifier.spec
-    clips = [read_clips(group, fs.frames, fs.size) if group else
-             torch.zeros(1, *fs.shape) for group in groups]
+    def short(source: str | Path, count: int) -> None:
+        on_warning(f"stimulus {source} has {count} frame(s), fewer than the model's "
+                   f"{fs.frames}: its frames are repeated in order (stretched in time), not "
+                   "looped")
+
+    clips = [read_clips(group, fs.frames, fs.size, short if state is None else None)
+             for group in groups]
     verifier_name = spec.verifier if verifier is None else verifier
     if verifier_name == "self":
         verifier_model: VideoClassifier | str | None = "self"
@@ -548,7 +504,8 @@ def invert(model: str | None = None, *, adapter: str | None = None,
         check_stimulus_predictions(inverter, groups, on_warning)
 
     record: dict[str, Any] = {
-        "status": "running", "adapter": spec.adapter, "model": spec.name,
+        "format": runs.RUN_FORMAT, "status": "running", "adapter": spec.adapter,
+        "model": spec.name,
         "checkpoint": str(checkpoint) if checkpoint else None,
         "checkpoint_sha256": (sha256_file(checkpoint)
                               if checkpoint and Path(str(checkpoint)).is_file() else None),
@@ -570,12 +527,15 @@ def invert(model: str | None = None, *, adapter: str | None = None,
             runs.save_state(run_dir, snapshot)
 
     per_sample = [class_names[i] for i in inverter.y.tolist()]
+    elapsed = float(saved.get("elapsed_s") or 0.0) if state is not None else 0.0
+    started = time.perf_counter()
     try:
         with _progress(progress, config.iterations, state.step if state else 0) as update:
             final = inverter.run(state, on_log=update, on_save=on_save)
     except KeyboardInterrupt:
         if run_dir is not None:
             record["status"] = "interrupted"
+            record["elapsed_s"] = round(elapsed + time.perf_counter() - started, 3)
             runs.write_json(run_dir / runs.RUN_FILE, record)
         raise
     except LeapsError:
@@ -588,9 +548,10 @@ def invert(model: str | None = None, *, adapter: str | None = None,
     metrics = inverter.evaluate(final.video)
     metrics["target_names"] = per_sample
     if run_dir is not None:
-        record.update(status="done", steps=final.step, history=final.history, metrics=metrics)
+        record.update(status="done", steps=final.step, history=final.history, metrics=metrics,
+                      elapsed_s=round(elapsed + time.perf_counter() - started, 3))
         record["files"] = runs.write_outputs(run_dir, final.video,
-                                             [c[0] for c, group in zip(clips, groups) if group],
+                                             [c[0] for c in clips],
                                              per_sample, final.history)
         runs.write_json(run_dir / runs.RUN_FILE, record)
         (run_dir / runs.STATE_FILE).unlink(missing_ok=True)

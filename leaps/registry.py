@@ -9,6 +9,7 @@ a missing or ill-typed field, or an unknown field is an error naming the entry a
 from __future__ import annotations
 
 import difflib
+import glob
 import importlib.util
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -70,6 +71,7 @@ class ModelSpec:
     mirrors: tuple[tuple[str, str], ...] = ()
     opposites: tuple[tuple[str, str], ...] = ()
     unavailable: str | None = None
+    stimuli: str | None = None
     source: str = ""
 
     def label_names(self) -> tuple[str, ...]:
@@ -90,6 +92,15 @@ class ModelSpec:
         arch = merge_nested(self.arch, self.reduced.get("arch", {}))
         return replace(self, frames=self.reduced.get("frames", self.frames),
                        size=self.reduced.get("size", self.size), arch=arch)
+
+    def stimulus_files(self, label: str) -> list[Path]:
+        """The entry's bundled stimulus videos of class ``label`` (``<label>_<n>.<ext>`` in its
+        ``stimuli`` folder), or none."""
+        if self.stimuli is None:
+            return []
+        folder = Path(self.source).parent / self.stimuli
+        return sorted(p for p in folder.glob(f"{glob.escape(label)}_*.*")
+                      if p.stem[len(label) + 1:].isdigit())
 
     def checkpoint_path(self) -> Path | None:
         if self.checkpoint is None or self.checkpoint.path is None:
@@ -140,7 +151,7 @@ def bundled_label_sets() -> list[str]:
 
 # -- validation -------------------------------------------------------------------------
 _FIELDS = {"adapter", "arch", "input", "labels", "verifier", "leaps", "checkpoint", "paper",
-           "description", "reduced", "mirrors", "opposites", "unavailable"}
+           "description", "reduced", "mirrors", "opposites", "unavailable", "stimuli"}
 _INPUT_FIELDS = {"frames", "size", "mean", "std", "value_range"}
 
 
@@ -243,6 +254,7 @@ def parse_entry(name: str, raw: Any, source: str) -> ModelSpec:
         mirrors=entry.pairs("mirrors"),
         opposites=entry.pairs("opposites"),
         unavailable=entry.get("unavailable", str, required=False),
+        stimuli=entry.get("stimuli", str, required=False),
         source=source,
     )
 

@@ -4,7 +4,9 @@
                  stimuli, targets, loss history per term, final metrics, status
     state.pt     the resumable optimisation state (while running / when interrupted)
     video.pt     the synthesized clips [B, 3, T, H, W] in [0, 1]
-    sample_<i>_<class>.gif / .mp4, grid.png (stimulus rows + samples x frames), loss.png
+    sample_<i>_<class>.gif / .mp4, the synthesized clips
+    stimulus_<j>_<class>.gif     the first stimulus of each target, as the model saw it
+    grid.png (stimulus rows + samples x frames), loss.png
 
 Every file is written atomically (temp file + rename).
 """
@@ -27,6 +29,8 @@ from leaps.invert import TERMS, InversionState
 from leaps.video import atomic_path, save_tensor, write_gif, write_grid_png, write_mp4
 
 RUN_FILE = "run.json"
+# The layout of run.json and the run directory; readers refuse other formats.
+RUN_FORMAT = 1
 STATE_FILE = "state.pt"
 
 
@@ -114,8 +118,13 @@ def write_outputs(run_dir: Path, video: Tensor, stimuli: list[Tensor], labels: l
         write_gif(clip, run_dir / f"{stem}.gif")
         write_mp4(clip, run_dir / f"{stem}.mp4")
         written += [f"{stem}.gif", f"{stem}.mp4"]
+    stimulus_labels = list(dict.fromkeys(labels))[:len(stimuli)]
+    for j, (clip, label) in enumerate(zip(stimuli, stimulus_labels)):
+        stem = f"stimulus_{j}_{slug(label)}"
+        write_gif(clip.detach().cpu().float(), run_dir / f"{stem}.gif")
+        written.append(f"{stem}.gif")
     rows = [s.detach().cpu().float() for s in stimuli] + list(video)
-    row_labels = [f"stimulus: {lab}" for lab in dict.fromkeys(labels)][:len(stimuli)] + \
+    row_labels = [f"stimulus: {lab}" for lab in stimulus_labels] + \
         [f"leaps: {lab}" for lab in labels]
     write_grid_png(rows, run_dir / "grid.png", row_labels=row_labels)
     written.append("grid.png")

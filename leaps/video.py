@@ -15,7 +15,7 @@ import os
 import re
 import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
@@ -69,7 +69,8 @@ def sample_indices(total: int, frames: int) -> list[int]:
     return [int(i) for i in positions.round().long().tolist()]
 
 
-def read_clip(source: str | Path, frames: int, size: int) -> Tensor:
+def read_clip(source: str | Path, frames: int, size: int,
+              on_short: Callable[[int], None] | None = None) -> Tensor:
     """Read ``frames`` uniformly sampled frames of a clip as float32 ``[3, frames, size, size]``.
 
     ``source`` is a video file (``.mp4 .avi .webm .mkv .mov .gif``) or a folder of frame images
@@ -78,6 +79,9 @@ def read_clip(source: str | Path, frames: int, size: int) -> Tensor:
     resized so its short side is ``size`` (antialiased bilinear) and centre-cropped to
     ``size x size``. Videos are decoded once and only the sampled frames are kept and
     converted, so long videos cost decode time but not memory.
+
+    ``on_short(n)`` is called when the source has only ``n < frames`` frames (they are then
+    stretched, see :func:`sample_indices`), so callers can say so.
 
     Raises :class:`LeapsError` for a missing, unreadable or unsupported source, a folder without
     images, or a video without decodable frames.
@@ -90,7 +94,7 @@ def read_clip(source: str | Path, frames: int, size: int) -> Tensor:
         raise LeapsError(f"stimulus not found: {path}; check the path (relative paths are "
                          f"resolved from {Path.cwd()})")
     if path.is_dir():
-        kept = _read_image_folder(path, frames)
+        kept, total = _read_image_folder(path, frames)
     else:
         if path.suffix.lower() not in VIDEO_EXTENSIONS:
             raise LeapsError(
@@ -98,15 +102,20 @@ def read_clip(source: str | Path, frames: int, size: int) -> Tensor:
                 f"{' '.join(VIDEO_EXTENSIONS)}; convert it (e.g. ffmpeg -i {path.name} clip.mp4) "
                 f"or pass a folder of {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} frames"
             )
-        kept = _read_video_file(path, frames)
+        kept, total = _read_video_file(path, frames)
+    if total < frames and on_short is not None:
+        on_short(total)
     return torch.stack([_resize_crop(frame, size) for frame in kept], dim=1).contiguous()
 
 
-def read_clips(sources: Sequence[str | Path], frames: int, size: int) -> Tensor:
-    """Read several clips with :func:`read_clip` into one float32 ``[N, 3, frames, size, size]``."""
+def read_clips(sources: Sequence[str | Path], frames: int, size: int,
+               on_short: Callable[[str | Path, int], None] | None = None) -> Tensor:
+    """Read several clips with :func:`read_clip` into one float32 ``[N, 3, frames, size, size]``;
+    ``on_short(source, n)`` for each source with fewer than ``frames`` frames."""
     if len(sources) == 0:
         raise LeapsError("no stimulus given; pass at least one video file or frame folder")
-    return torch.stack([read_clip(s, frames, size) for s in sources])
+    return torch.stack([read_clip(s, frames, size, None if on_short is None else
+                                  (lambda n, s=s: on_short(s, n))) for s in sources])
 
 
 def _natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
@@ -115,7 +124,7 @@ def _natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
                  for part in re.split(r"(\d+)", name) if part)
 
 
-def _read_image_folder(folder: Path, frames: int) -> list[Tensor]:
+def _read_image_folder(folder: Path, frames: int) -> tuple[list[Tensor], int]:
     images = sorted((p for p in folder.iterdir()
                      if p.is_file() and not p.name.startswith(".")
                      and p.suffix.lower() in IMAGE_EXTENSIONS),
@@ -135,10 +144,10 @@ def _read_image_folder(folder: Path, frames: int) -> list[Tensor]:
             raise LeapsError(f"cannot read frame image {image_path}: {_first_line(err)}; "
                              "replace or remove the broken image") from None
         loaded[index] = _to_chw(array)
-    return [loaded[i] for i in indices]
+    return [loaded[i] for i in indices], len(images)
 
 
-def _read_video_file(path: Path, frames: int) -> list[Tensor]:
+def _read_video_file(path: Path, frames: int) -> tuple[list[Tensor], int]:
     total = _stream_frame_count(path)
     if total is None:
         total, _ = _decode_pass(path, None)
@@ -153,7 +162,7 @@ def _read_video_file(path: Path, frames: int) -> list[Tensor]:
     if total == 0:
         raise LeapsError(f"video {path} has no decodable frames; check that it plays, or "
                          f"re-encode it (e.g. ffmpeg -i {path.name} -c:v libx264 clip.mp4)")
-    return [kept[i] for i in sample_indices(total, frames)]
+    return [kept[i] for i in sample_indices(total, frames)], total
 
 
 def _open(path: Path) -> av.container.InputContainer:

@@ -230,3 +230,64 @@ def test_registry_defaults_fill_the_config():
     spec = load_registry().get("torchvision.r2plus1d_18")
     config = InvertConfig(r=0.5).with_registry_defaults(**vars(spec.leaps))
     assert (config.lambda_1, config.lambda_L, config.r) == (0.75, 0.1, 0.5)
+
+
+def test_a_short_stimulus_is_stretched_with_a_warning(motion, tmp_path):
+    clip = make_dataset(1, classes=("left",), seed=3)[0][0]
+    three = write_mp4(clip[:, :3], tmp_path / "three_frames.mp4")
+    warnings: list[str] = []
+    result = invert("testmotion.tiny3d", targets=["left"], stimuli=[three],
+                    checkpoint=motion["checkpoint"], config=short(iterations=2),
+                    progress=False, on_warning=warnings.append)
+    assert result.video.shape[2] == 8
+    assert any("3 frame(s), fewer than the model's 8" in w and "stretched" in w
+               for w in warnings), warnings
+
+
+def test_without_stimuli_only_when_priming_is_off(motion, tmp_path):
+    with pytest.raises(LeapsError, match="ships none for left.*--priming-weight 0"):
+        invert("testmotion.tiny3d", targets=["left"], checkpoint=motion["checkpoint"],
+               config=short(), progress=False)
+    out = tmp_path / "run"
+    result = invert("testmotion.tiny3d", targets=["all"], checkpoint=motion["checkpoint"],
+                    config=short(priming_weight=0.0), out=out, progress=False)
+    assert result.labels == list(CLASSES)  # --target all: every class of the label set
+    record = json.loads((out / "run.json").read_text())
+    assert record["stimuli"] == [] and record["format"] == runs.RUN_FORMAT
+    assert record["elapsed_s"] > 0
+    assert set(record["history"]["priming"]) == {0.0}
+    assert not list(out.glob("stimulus_*.gif"))
+
+
+def test_ctrl_c_saves_the_state_and_resume_finishes_it_like_an_uninterrupted_run(tmp_path):
+    """The real thing: SIGINT to a `leaps invert` process, then `leaps invert --resume`."""
+    import os
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "leaps.cli", "invert", "--model", "demo.r2plus1d",
+               "--target", "right", "--iterations", "150", "--log-every", "5",
+               "--save-every", "5", "--verifier", "self", "--quiet"]
+    whole = subprocess.run([*command, "--out", str(tmp_path / "whole")], env=env,
+                           capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "cut"
+    process = subprocess.Popen([*command, "--out", str(out)], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / runs.STATE_FILE).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert f"leaps invert --resume {out}" in stderr and "Traceback" not in stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "interrupted" and (out / runs.STATE_FILE).is_file()
+    assert runs.load_state(out).step < 150
+    resumed = subprocess.run([sys.executable, "-m", "leaps.cli", "invert", "--resume", str(out),
+                              "--quiet"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "run.json").read_text())["status"] == "done"
+    assert torch.equal(torch.load(out / "video.pt", weights_only=True),
+                       torch.load(tmp_path / "whole" / "video.pt", weights_only=True))

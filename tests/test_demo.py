@@ -1,0 +1,104 @@
+"""The bundled demo zoo: shipped weights and stimuli that work offline, and reproducible training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from leaps.cli import cli
+from leaps.datasets import make_dataset
+from leaps.demo import ZOO, TrainRecipe, accuracy_per_class, demo_models, train
+from leaps.registry import build_model, load_registry
+from leaps.video import read_clip
+
+DEMO = demo_models()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_zoo_has_four_families_each_verified_by_another():
+    registry = load_registry()
+    adapters = {registry.get(name).adapter for name in DEMO}
+    assert len(DEMO) >= 4 and len(adapters) == len(DEMO)
+    assert any(a.endswith(("mvit", "swin3d", "timesformer")) for a in adapters)
+    for name in DEMO:
+        spec = registry.get(name)
+        assert spec.verifier in DEMO and registry.get(spec.verifier).adapter != spec.adapter
+
+
+def test_shipped_weights_are_small_and_match_their_training_records():
+    from leaps.adapter import sha256_file
+
+    total = 0
+    for name in DEMO:
+        weights = load_registry().get(name).checkpoint_path()
+        record = json.loads((ZOO / f"{name}.json").read_text())
+        assert record["sha256"] == sha256_file(weights), name
+        assert record["validation"]["accuracy"] >= 0.95, (name, record["validation"])
+        total += weights.stat().st_size
+    assert total < 20 * 2**20, total
+
+
+@pytest.mark.parametrize("name", DEMO)
+def test_demo_models_recognise_fresh_clips(name):
+    """Held-out clips from a seed neither training nor validation used."""
+    model = build_model(name)  # the shipped weights load by default
+    spec = model.spec
+    videos, labels, _ = make_dataset(12, spec.frames, spec.size, seed=424242,
+                                     classes=model.labels)
+    per_class = accuracy_per_class(model, videos, labels, len(model.labels))
+    assert sum(per_class) / len(per_class) >= 0.95, dict(zip(model.labels, per_class))
+
+
+def test_bundled_stimuli_are_real_videos_every_demo_model_recognises():
+    spec = load_registry().get(DEMO[0])
+    models = [build_model(name) for name in DEMO]
+    wrong = []
+    for label in models[0].labels:
+        files = spec.stimulus_files(label)
+        assert len(files) >= 2 and all(f.suffix == ".mp4" for f in files), label
+        clips = torch.stack([read_clip(f, spec.frames, spec.size) for f in files])
+        with torch.no_grad():
+            for model in models:
+                predicted = model(clips).argmax(1).tolist()
+                wrong += [(model.model_name, f.name) for f, p in zip(files, predicted)
+                          if model.labels[p] != label]
+    assert not wrong, wrong
+
+
+def test_training_is_reproducible_from_the_seed():
+    recipe = TrainRecipe(epochs=1, clips_per_class=4, validation_clips_per_class=2, seed=5)
+    first, record = train("demo.r2plus1d", recipe)
+    second, _ = train("demo.r2plus1d", recipe)
+    for (key, a), b in zip(first.net.state_dict().items(), second.net.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert record["epochs_trained"] == 1 and 0 <= record["validation"]["accuracy"] <= 1
+
+
+def test_train_demo_command_writes_a_loadable_zoo(tmp_path):
+    result = CliRunner().invoke(cli, ["train-demo", "--model", "demo.r2plus1d", "--epochs", "1",
+                                      "--clips-per-class", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    weights = tmp_path / "demo.r2plus1d.safetensors"
+    record = json.loads((tmp_path / "demo.r2plus1d.json").read_text())
+    assert record["weights"] == weights.name and record["recipe"]["clips_per_class"] == 2
+    model = build_model("demo.r2plus1d", checkpoint=weights)
+    state = load_file(str(weights))
+    assert all(torch.equal(model.net.state_dict()[k], v) for k, v in state.items())
+    stimuli = sorted((tmp_path / "stimuli").glob("*.mp4"))
+    assert len(stimuli) == 2 * len(model.labels)
+    assert read_clip(stimuli[0], 8, 32).shape == (3, 8, 32, 32)
+    bad = CliRunner().invoke(cli, ["train-demo", "--model", "torchvision.r3d_18", "--out",
+                                   str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "not a demo model" in bad.output
+    assert not (tmp_path / "x").exists()
