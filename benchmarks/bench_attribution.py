@@ -11,14 +11,17 @@ frames and size, explains each clip's true class with every method, and prints
   ins AUC   area under the insertion curve (from the blurred clip; higher = more faithful)
   s/clip    seconds per clip of the method
 
-next to a uniformly random map (the chance level). The models must know the motion classes:
-the demo zoo (``leaps models demo``), or any registry model trained here first with
-``--train EPOCHS`` (its classifier is resized to the motion classes).
+next to three maps that use no model: a uniformly random map (chance), an input edge map
+(what the clip's detail alone points at) and the object mask (the best possible). The models
+must know the motion classes: the demo zoo (``leaps models demo``), or any registry model
+trained here first with ``--train EPOCHS`` (its classifier is resized to the motion classes).
+``--methods`` takes ``METHOD[@LAYER][:KEY=VALUE;...]`` items.
 
-    python benchmarks/bench_attribution.py demo.x3d demo.mvit
+    python benchmarks/bench_attribution.py demo.x3d demo.swin3d
     python benchmarks/bench_attribution.py example.tiny3d --reduced --train 12
     python benchmarks/bench_attribution.py demo.x3d --methods gradcam,perturbation --json
-    python benchmarks/bench_attribution.py demo.csn --methods gradcam,gradcam@blocks.2.res_blocks.3
+    python benchmarks/bench_attribution.py demo.resnet3d --methods \
+        gradcam,gradcam@blocks.1.res_blocks.2,ig,ig:baseline=blur,perturbation:iterations=150
 """
 
 from __future__ import annotations
@@ -81,8 +84,35 @@ def load(name: str, reduced: bool, epochs: int, checkpoint: str | None = None
     return model, tuple(model.labels), info
 
 
+def parse_spec(text: str) -> tuple[str, str | None, dict]:
+    """``METHOD[@LAYER][:KEY=VALUE;KEY=VALUE]`` -> (method, Grad-CAM layer, parameters)."""
+    from leaps.explain import parse_params
+
+    head, _, options = text.partition(":")
+    method, _, layer = head.partition("@")
+    return method, layer or None, parse_params([o for o in options.split(";") if o])
+
+
+def control_maps(videos: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Maps that use no model, to read the methods' figures against:
+
+    random   uniform noise: the chance level
+    edges    |x - blur(x)|: where the clip has detail. On this data the object is the only
+             sharp structure, so an input-only edge map already points at it; a method whose
+             map carries a factor (x - baseline) inherits some of that
+    object   the object mask itself: the best any map can do
+    """
+    from leaps.attribution import blur_frames, heatmap
+
+    generator = torch.Generator().manual_seed(0)
+    sigma = 0.1 * videos.shape[-1]
+    return {"random": torch.rand(masks.shape, generator=generator),
+            "edges (no model)": heatmap(videos - blur_frames(videos, sigma)),
+            "object mask": masks.float()}
+
+
 def evaluate(name: str, methods: list[str], clips_per_class: int, reduced: bool, epochs: int,
-             steps: int, params: dict[str, dict], checkpoint: str | None = None) -> dict:
+             steps: int, checkpoint: str | None = None) -> dict:
     from leaps.attribution import GradCAM, get_method, heatmap
     from leaps.faithfulness import deletion_curve, hit_rate, insertion_curve
 
@@ -94,21 +124,22 @@ def evaluate(name: str, methods: list[str], clips_per_class: int, reduced: bool,
     with torch.no_grad():
         accuracy = float((model(videos).argmax(1) == labels).float().mean())
     rows = {}
-    generator = torch.Generator().manual_seed(0)
-    for label in ["random", *methods]:
+    controls = control_maps(videos, masks)
+    for label in [*controls, *methods]:
         started = time.perf_counter()
-        if label == "random":
-            heat = torch.rand(masks.shape, generator=generator)
+        if label in controls:
+            heat = controls[label]
         else:
-            # "gradcam@LAYER": Grad-CAM on a named tap; otherwise the method's defaults
-            method_name, _, layer = label.partition("@")
+            method_name, layer, params = parse_spec(label)
             method = get_method(method_name)
-            explainer = GradCAM(model, layer or None) if method is GradCAM else method(model)
-            maps = [explainer.attribute(batch, target=target, **params.get(method.name, {}))
+            explainer = GradCAM(model, layer) if method is GradCAM else method(model)
+            params = method.check_parameters(params)
+            maps = [explainer.attribute(batch, target=target, **params)
                     for batch, target in zip(videos.split(16), labels.split(16))]
             heat = heatmap(torch.cat(maps))
-            if isinstance(explainer, GradCAM):
-                label = f"gradcam@{explainer.tap.name}"  # the layer used
+            if isinstance(explainer, GradCAM):  # name the layer used
+                label = label.replace(f"{method_name}@{layer}" if layer else method_name,
+                                      f"gradcam@{explainer.tap.name}")
         seconds = (time.perf_counter() - started) / len(videos)
         rows[label] = {
             "hit": hit_rate(heat, masks),
@@ -129,9 +160,10 @@ def print_table(result: dict) -> None:
     print(f"\n{result['model']}: {result['clips']} clips {result['input'][0]}x"
           f"{result['input'][1]}², accuracy {result['accuracy']:.0%}, object "
           f"{result['object_fraction']:.1%} of the voxels{extra}")
-    print(f"  {'method':22s} {'hit':>6s} {'del AUC':>8s} {'ins AUC':>8s} {'s/clip':>8s}")
+    width = max(22, *(len(m) for m in result["methods"]))
+    print(f"  {'method':{width}s} {'hit':>6s} {'del AUC':>8s} {'ins AUC':>8s} {'s/clip':>8s}")
     for method, row in result["methods"].items():
-        print(f"  {method:22s} {row['hit']:6.1%} {row['deletion_auc']:8.3f} "
+        print(f"  {method:{width}s} {row['hit']:6.1%} {row['deletion_auc']:8.3f} "
               f"{row['insertion_auc']:8.3f} {row['seconds_per_clip']:8.3f}")
 
 
@@ -139,8 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", help="registry model names (e.g. demo.x3d)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help="comma-separated attribution methods; gradcam@LAYER for Grad-CAM "
-                             "on a named tap [%(default)s]")
+                        help="comma-separated METHOD[@LAYER][:KEY=VALUE;...] (Grad-CAM layer, "
+                             "method parameters) [%(default)s]")
     parser.add_argument("--clips", type=int, default=4, help="clips per class [%(default)s]")
     parser.add_argument("--steps", type=int, default=16,
                         help="deletion/insertion steps [%(default)s]")
@@ -150,17 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reduced", action="store_true", help="models at their test size")
     parser.add_argument("--checkpoint", help="weights to load (one model only) [default: the "
                                              "registry's]")
-    parser.add_argument("--ig-steps", type=int, default=32, help="Integrated Gradients steps")
-    parser.add_argument("--iterations", type=int, default=300, help="perturbation steps")
     parser.add_argument("--json", action="store_true", help="print JSON lines, not tables")
     args = parser.parse_args(argv)
     if args.checkpoint and len(args.models) > 1:
         parser.error("--checkpoint needs exactly one model")
-    params = {"integrated_gradients": {"n_steps": args.ig_steps, "internal_batch_size": 64},
-              "perturbation": {"iterations": args.iterations}}
     for name in args.models:
         result = evaluate(name, args.methods.split(","), args.clips, args.reduced, args.train,
-                          args.steps, params, args.checkpoint)
+                          args.steps, args.checkpoint)
         if args.json:
             print(json.dumps(result))
         else:
