@@ -29,6 +29,8 @@ CASES = {
     "x3d_xs": ("pytorchvideo.x3d_xs", None, (4, 160)),
     "r3d": ("torchvision.r3d_18", None, (8, 112)),
     "swin3d": ("torchvision.swin3d_t", None, (8, 112)),
+    # the README's main command: a demo model (8x32x32) and its verifier of another family
+    "demo": ("demo.resnet3d", None, None),
 }
 
 

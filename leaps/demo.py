@@ -143,6 +143,7 @@ def save(classifier: VideoClassifier, record: dict[str, Any], folder: Path) -> P
     state = {k: v.detach().contiguous() for k, v in classifier.net.state_dict().items()}
     with atomic_path(weights) as tmp:
         save_file(state, str(tmp))
+        tmp.chmod(0o644)  # safetensors creates owner-only files; this one is package data
     record = {**record, "weights": weights.name, "sha256": sha256_file(weights),
               "versions": library_versions(["pytorchvideo"])}
     write_json(folder / f"{record['model']}.json", record)
