@@ -266,7 +266,7 @@ def test_ctrl_c_saves_the_state_and_resume_finishes_it_like_an_uninterrupted_run
     import time
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "leaps.cli", "invert", "--model", "demo.r2plus1d",
+    command = [sys.executable, "-m", "leaps.cli", "invert", "--model", "demo.resnet3d",
                "--target", "right", "--iterations", "150", "--log-every", "5",
                "--save-every", "5", "--verifier", "self", "--quiet"]
     whole = subprocess.run([*command, "--out", str(tmp_path / "whole")], env=env,
