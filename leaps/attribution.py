@@ -310,6 +310,54 @@ def resolve_layer(model: nn.Module, layer: str | None) -> Tap:
                          "whose output is [B, C, T, H, W]") from None
 
 
+def capture_gradients(model: nn.Module, taps: Sequence[Tap], inputs: Tensor, targets: Tensor
+                      ) -> list[tuple[Tensor, Tensor]]:
+    """One forward and backward pass: for each tap, its activation and the gradient of the
+    summed target scores with respect to it, both read as video ``[B, C, T', H', W']`` through
+    the tap's function (the gradient goes through the same reshaping: tap functions only
+    rearrange and select). A tap whose output the score does not use gets a zero gradient."""
+    captured: dict[int, tuple[Any, Tensor]] = {}
+
+    def hook_for(index: int) -> Any:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+            if index in captured:  # a module run twice in one forward: keep the first call
+                return None
+            tensor = _first_tensor(output)
+            captured[index] = (output, tensor)
+            # Later layers get a copy, so an in-place op downstream cannot alter the tensor
+            # whose gradient is taken.
+            return _with_first_tensor(output, tensor.clone())
+        return hook
+
+    handles = [tap.module.register_forward_hook(hook_for(i)) for i, tap in enumerate(taps)]
+    try:
+        with torch.enable_grad():
+            # The input needs grad so the layers are on a graph even for a frozen model.
+            logits = model(inputs.detach().requires_grad_(True))
+            missing = [tap.name for i, tap in enumerate(taps) if i not in captured]
+            if missing:
+                raise LeapsError(f"layer {missing[0]!r} did not run in the forward pass; pick "
+                                 "another layer (`leaps layers` lists the taps)")
+            score = logits.gather(1, targets[:, None]).sum()
+            tensors = [captured[i][1] for i in range(len(taps))]
+            grads = torch.autograd.grad(score, tensors, allow_unused=True) if taps else ()
+    finally:
+        for handle in handles:
+            handle.remove()
+    pairs = []
+    with torch.no_grad():
+        for i, (tap, grad) in enumerate(zip(taps, grads)):
+            output, tensor = captured[i]
+            grad = torch.zeros_like(tensor) if grad is None else grad
+            activation = tap.to_video(output).detach()
+            gradient = tap.to_video(_with_first_tensor(output, grad)).detach()
+            if activation.dim() != 5:
+                raise LeapsError(f"layer {tap.name!r} gives shape {tuple(activation.shape)}, "
+                                 "not [B, C, T, H, W]; pick a tap (`leaps layers` lists them)")
+            pairs.append((activation, gradient))
+    return pairs
+
+
 class GradCAM(Attribution):
     """Grad-CAM (Selvaraju et al. 2017) for video, with per-time-step channel weights.
 
@@ -324,9 +372,9 @@ class GradCAM(Attribution):
     clip weigh the channels that matter then; one weight per clip blurs what moves. The map is
     upsampled trilinearly to the input's ``T, H, W``. ``layer`` names a tap (default: the
     adapter's ``gradcam_layer``; should its output not reach the score, as the last block of a
-    class-token transformer does not, or have a single spatial cell, as the last block of a
-    deep network on a small input does, the last tap before it that reaches the score on a
-    spatial grid; ``.tap`` tells which layer was used).
+    class-token transformer does not, or its grid have no interior cell, as the last blocks of
+    a deep network on a small input do, the last tap before it that reaches the score on a
+    grid of at least 3x3; ``.tap`` tells which layer was used).
     """
 
     name = "gradcam"
@@ -343,82 +391,50 @@ class GradCAM(Attribution):
         Clips in a batch do not interact (eval mode), so the gradient of the summed scores is
         each clip's own gradient.
         """
-        captured: dict[str, Any] = {}
-
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
-            if "output" in captured:  # a module run twice in one forward: keep the first call
-                return None
-            tensor = _first_tensor(output)
-            captured["output"], captured["tensor"] = output, tensor
-            # Later layers get a copy, so an in-place op downstream cannot alter the tensor
-            # whose gradient is taken.
-            return _with_first_tensor(output, tensor.clone())
-
-        handle = self.tap.module.register_forward_hook(hook)
-        try:
-            with torch.enable_grad():
-                # The input needs grad so the layer is on a graph even for a frozen model.
-                logits = self.model(inputs.detach().requires_grad_(True))
-                if "tensor" not in captured:
-                    raise LeapsError(f"layer {self.tap.name!r} did not run in the forward pass; "
-                                     "pick another layer (`leaps layers` lists the taps)")
-                score = logits.gather(1, targets[:, None]).sum()
-                (grad,) = torch.autograd.grad(score, captured["tensor"])
-        finally:
-            handle.remove()
-        output = captured["output"]
-        with torch.no_grad():
-            activation = self.tap.to_video(output).detach()
-            gradient = self.tap.to_video(_with_first_tensor(output, grad)).detach()
-        if activation.dim() != 5:
-            raise LeapsError(f"layer {self.tap.name!r} gives shape {tuple(activation.shape)}, not "
-                             "[B, C, T, H, W]; pick a tap (`leaps layers` lists them)")
-        return activation, gradient
+        return capture_gradients(self.model, [self.tap], inputs, targets)[0]
 
     def _usable_layer(self, inputs: Tensor, targets: Tensor, activation: Tensor,
                       gradient: Tensor) -> tuple[Tensor, Tensor]:
-        """Step back from a default layer that cannot explain anything.
+        """Step back from a default layer that cannot localise anything.
 
-        Two cases: the layer's gradient is exactly zero - its output does not reach the score,
-        as for the last block of a class-token transformer (the head reads only the class
-        token, which that block's patch tokens no longer feed); or its grid is a single
-        spatial cell (a small input through a deep network), so every frame's map is flat.
-        With the adapter's default layer, the last earlier tap that has both a gradient and a
-        spatial grid is used (and kept for later calls); a layer the user named is used as it
-        is, except that a zero gradient is an error.
+        Two cases. Its gradient is exactly zero: its output does not reach the score, as for
+        the last block of a class-token transformer (the head reads only the class token,
+        which that block's patch tokens no longer feed). Or its grid has no interior cell
+        (fewer than 3 cells a side, as at the end of a deep network on a small input): then
+        every cell touches the frame's border, and the upsampled map peaks on a plateau at the
+        border or is flat, wherever the evidence lies. With the adapter's default layer the
+        last earlier tap that reaches the score on a grid with an interior is used (found in
+        one extra pass, and kept for later calls); failing that, the last one that reaches the
+        score. A layer the user named is used as it is, except that a zero gradient is an
+        error.
         """
         def reaches(grad: Tensor) -> bool:
             return bool(grad.any())
 
-        def spatial(act: Tensor) -> bool:
-            return act.shape[3] * act.shape[4] > 1
+        def interior(act: Tensor) -> bool:
+            return act.shape[3] >= 3 and act.shape[4] >= 3
 
-        if reaches(gradient) and (spatial(activation) or not self._default_layer):
+        if reaches(gradient) and (interior(activation) or not self._default_layer):
             return activation, gradient
         taps = list(getattr(self.model, "taps", []))
         names = [t.name for t in taps]
         index = names.index(self.tap.name) if self.tap.name in names else 0
-        earlier = taps[:index][::-1]
+        earlier = taps[:index]
         if not self._default_layer:
-            hint = f"pick an earlier tap, e.g. {earlier[0].name!r}" if earlier else \
+            hint = f"pick an earlier tap, e.g. {earlier[-1].name!r}" if earlier else \
                 "pick another layer"
             raise LeapsError(f"layer {self.tap.name!r} does not reach the class score (its "
                              f"gradient is zero, as for the last block of a class-token "
                              f"transformer); {hint}")
-        fallback = (activation, gradient) if reaches(gradient) else None
-        chosen = self.tap
-        for tap in earlier:
-            self.tap = tap
-            act, grad = self.activations_and_gradients(inputs, targets)
-            if reaches(grad) and spatial(act):
-                return act, grad
-            if fallback is None and reaches(grad):
-                fallback, chosen = (act, grad), tap
-        self.tap = chosen
-        if fallback is None:
+        found = list(zip(earlier, capture_gradients(self.model, earlier, inputs, targets)))
+        found.append((self.tap, (activation, gradient)))
+        reaching = [(tap, pair) for tap, pair in found if reaches(pair[1])]
+        if not reaching:
             raise LeapsError("no tap of the model reaches the class score (all gradients are "
                              "zero); check that the model's output depends on its input")
-        return fallback  # no tap has a spatial grid: the best there is
+        good = [(tap, pair) for tap, pair in reaching if interior(pair[0])]
+        self.tap, pair = (good or reaching)[-1]
+        return pair
 
     def attribute(self, inputs: Tensor, target: Target = None, *, temporal: str = "frame",
                   relu: bool = True) -> Tensor:

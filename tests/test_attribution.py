@@ -221,34 +221,42 @@ def test_gradcam_on_transformer_taps_equals_a_direct_computation(name, layer, to
     torch.testing.assert_close(ours, direct, rtol=1e-4, atol=1e-6)
 
 
+def _grids(model, clip):
+    from leaps.testing import capture_taps
+
+    with torch.no_grad():
+        _, outputs, _ = capture_taps(model, clip)
+    return {tap.name: tuple(out.shape[3:]) for tap, out in zip(model.taps, outputs)}
+
+
 def test_gradcam_default_layer_steps_back_from_a_class_token_block():
     """The last block of a class-token transformer does not reach the head: its gradient is
-    zero. The default layer steps back to the last tap that does; a named one says so."""
+    zero. The default layer steps back to the last tap that does, on a grid with an interior
+    cell; a layer named by the user says so."""
     torch.manual_seed(0)
     model = build_model("torchvision.mvit_v1_b", reduced=True)
     clip = torch.rand(1, *model.spec.shape, generator=torch.Generator().manual_seed(1))
     assert model.gradcam_layer == "blocks.15"
+    expected = [name for name, grid in _grids(model, clip).items() if min(grid) >= 3
+                and name != "blocks.15"][-1]
     gradcam = GradCAM(model)
     cam = gradcam.attribute(clip, target=2, relu=False)
-    assert gradcam.tap.name == "blocks.14" and cam.std() > 0
+    assert gradcam.tap.name == expected and cam.std() > 0
     with pytest.raises(LeapsError, match="'blocks.15' does not reach the class score.*"
                                          "'blocks.14'"):
         GradCAM(model, "blocks.15").attribute(clip, target=2)
 
 
-def test_gradcam_default_layer_steps_back_from_a_single_spatial_cell():
-    """A 32-pixel clip through ResNet-18 ends on a 1x1 grid: every frame's map would be flat.
-    The default layer steps back to the last tap with a spatial grid; a named one is kept."""
+def test_gradcam_default_layer_steps_back_from_a_grid_without_interior():
+    """A 32-pixel clip through ResNet-18 ends on 2x2 and 1x1 grids: the upsampled map would be
+    flat or peak at the frame's border. The default layer steps back to the last tap of at
+    least 3x3 cells; a named layer is kept as it is."""
     torch.manual_seed(0)
     model = build_model("timm.resnet18_frames", reduced=True)
     clip = torch.rand(1, *model.spec.shape, generator=torch.Generator().manual_seed(1))
-    from leaps.testing import capture_taps
-
-    with torch.no_grad():
-        _, outputs, _ = capture_taps(model, clip)
-    grids = {tap.name: tuple(out.shape[3:]) for tap, out in zip(model.taps, outputs)}
+    grids = _grids(model, clip)
     assert grids[model.gradcam_layer] == (1, 1)
-    expected = [name for name, grid in grids.items() if grid != (1, 1)][-1]
+    expected = [name for name, grid in grids.items() if min(grid) >= 3][-1]
     gradcam = GradCAM(model)
     cam = gradcam.attribute(clip, target=5, relu=False)
     assert gradcam.tap.name == expected
