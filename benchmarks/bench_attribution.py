@@ -17,7 +17,7 @@ must know the motion classes: the demo zoo (``leaps models demo``), or any regis
 trained here first with ``--train EPOCHS`` (its classifier is resized to the motion classes).
 ``--methods`` takes ``METHOD[@LAYER][:KEY=VALUE;...]`` items.
 
-    python benchmarks/bench_attribution.py demo.x3d demo.swin3d
+    python benchmarks/bench_attribution.py demo.x3d demo.r2plus1d
     python benchmarks/bench_attribution.py example.tiny3d --reduced --train 12
     python benchmarks/bench_attribution.py demo.x3d --methods gradcam,perturbation --json
     python benchmarks/bench_attribution.py demo.resnet3d --methods \
