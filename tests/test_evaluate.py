@@ -273,7 +273,8 @@ def _damage(source: Path, target: Path, how: str) -> Path:
         record["status"] = "interrupted"
     elif how == "running":
         record["status"] = "running"
-    elif how == "other version":
+    elif how == "other version":  # written before run.json had a format, by another leaps
+        record.pop("format", None)
         record["versions"]["leaps"] = "0.0.1"
     elif how == "other format":
         record["format"] = 99
