@@ -273,8 +273,11 @@ def test_ctrl_c_saves_the_state_and_resume_finishes_it_like_an_uninterrupted_run
                            capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr
     out = tmp_path / "cut"
+    # A shell that starts the suite in the background leaves SIGINT ignored, and children
+    # inherit that (Python then installs no KeyboardInterrupt handler): restore the default.
     process = subprocess.Popen([*command, "--out", str(out)], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out / runs.STATE_FILE).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
