@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from leaps.datasets import MOTION_CLASSES, make_dataset
+from leaps.demo import fit
 
 DEFAULT_METHODS = ("gradcam", "integrated_gradients")
 
@@ -48,16 +49,8 @@ def train(model: nn.Module, classes: tuple[str, ...], epochs: int, clips_per_cla
     spec = model.spec
     videos, labels, _ = make_dataset(clips_per_class, spec.frames, spec.size, seed=seed,
                                      classes=classes)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     started = time.perf_counter()
-    for _ in range(epochs):
-        model.train()
-        for batch in torch.randperm(len(videos)).split(32):
-            loss = nn.functional.cross_entropy(model(videos[batch]), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
+    fit(model, videos, labels, epochs)
     return time.perf_counter() - started
 
 

@@ -77,6 +77,36 @@ def accuracy_per_class(model: nn.Module, videos: Tensor, labels: Tensor, classes
     return [float((predicted[labels == c] == c).float().mean()) for c in range(classes)]
 
 
+def train_epoch(model: nn.Module, videos: Tensor, labels: Tensor,
+                optimizer: torch.optim.Optimizer, batch_size: int = 32,
+                generator: torch.Generator | None = None,
+                schedule: torch.optim.lr_scheduler.LRScheduler | None = None) -> Tensor:
+    """One epoch of cross-entropy over shuffled batches (train mode); the mean loss, on device.
+
+    ``generator`` shuffles (default: torch's global one); ``schedule`` steps after each batch."""
+    model.train()
+    losses = []
+    for batch in torch.randperm(len(videos), generator=generator).split(batch_size):
+        loss = nn.functional.cross_entropy(model(videos[batch]), labels[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if schedule is not None:
+            schedule.step()
+        losses.append(loss.detach())
+    return torch.stack(losses).mean()
+
+
+def fit(model: nn.Module, videos: Tensor, labels: Tensor, epochs: int, lr: float = 3e-3,
+        batch_size: int = 32) -> nn.Module:
+    """Train ``model`` on fixed clips with AdamW for ``epochs`` epochs; return it in eval mode
+    (the quick training tests and benchmarks give small models)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        train_epoch(model, videos, labels, optimizer, batch_size)
+    return model.eval()
+
+
 def train(model: str, recipe: TrainRecipe,
           on_epoch: Callable[[int, float, float], None] | None = None
           ) -> tuple[VideoClassifier, dict[str, Any]]:
@@ -101,19 +131,12 @@ def train(model: str, recipe: TrainRecipe,
     for epoch in range(recipe.epochs):
         videos, labels, _ = make_dataset(recipe.clips_per_class, spec.frames, spec.size,
                                          recipe.seed * 1000 + epoch, classes)
-        classifier.train()
-        losses = []
-        for batch in torch.randperm(len(videos), generator=order).split(recipe.batch_size):
-            loss = nn.functional.cross_entropy(classifier(videos[batch]), labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.detach())
+        loss = train_epoch(classifier, videos, labels, optimizer, recipe.batch_size, order,
+                           schedule)
         per_class = accuracy_per_class(classifier, validation[0], validation[1], len(classes))
         accuracy = sum(per_class) / len(per_class)
         if on_epoch is not None:
-            on_epoch(epoch + 1, float(torch.stack(losses).mean()), accuracy)
+            on_epoch(epoch + 1, float(loss), accuracy)
         if accuracy >= recipe.stop_at:
             break
     classifier.eval()

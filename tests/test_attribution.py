@@ -22,6 +22,7 @@ from leaps.attribution import (
     heatmap,
 )
 from leaps.datasets import make_dataset
+from leaps.demo import fit
 from leaps.errors import LeapsError
 from leaps.faithfulness import deletion_curve, hit_rate, insertion_curve, pointing_game
 from leaps.hookspecs import hookimpl
@@ -77,15 +78,7 @@ def trained():
         torch.manual_seed(0)
         model = build_model(MODEL)
         videos, labels, _ = make_dataset(24, classes=CLASSES)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        for _ in range(6):
-            model.train()
-            for batch in torch.randperm(len(videos)).split(16):
-                loss = nn.functional.cross_entropy(model(videos[batch]), labels[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        model.eval()
+        fit(model, videos, labels, epochs=6, batch_size=16)
         clips, targets, masks = make_dataset(2, classes=CLASSES, seed=5)
         yield {"model": model, "clips": clips, "targets": targets, "masks": masks}
 

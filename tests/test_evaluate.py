@@ -17,6 +17,7 @@ from leaps import metrics
 from leaps.adapter import Adapter, Tap
 from leaps.cli import cli
 from leaps.datasets import MOTION_CLASSES, make_dataset
+from leaps.demo import fit
 from leaps.errors import LeapsError
 from leaps.evaluate import REFERENCE_CLIPS, REFERENCE_SEED, evaluate_runs, to_markdown
 from leaps.hookspecs import hookimpl
@@ -88,18 +89,6 @@ class EvalPlugin:
             "testeval.r2plus1d": r2plus1d}})
 
 
-def _train(model, videos, labels, lr: float, epochs: int = 8) -> None:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    for _ in range(epochs):
-        model.train()
-        for batch in torch.randperm(len(videos)).split(32):
-            loss = nn.functional.cross_entropy(model(videos[batch]), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
-
-
 def _config(**overrides) -> InvertConfig:
     return InvertConfig(**{"iterations": 20, "lr": 0.1, "log_every": 10, **overrides})
 
@@ -113,11 +102,11 @@ def runs(tmp_path_factory):
     with registered_plugin(EvalPlugin(), "testeval"):
         torch.manual_seed(0)
         c3d = build_model("testeval.c3d")
-        _train(c3d, videos, labels, lr=3e-3)
+        fit(c3d, videos, labels, epochs=8, lr=3e-3)
         Conv3D().save_checkpoint(c3d.net, root / "c3d.pth")
         torch.manual_seed(0)
         r2plus1d = build_model("testeval.r2plus1d")
-        _train(r2plus1d, videos, labels, lr=1e-2)
+        fit(r2plus1d, videos, labels, epochs=8, lr=1e-2)
         R2Plus1D().save_checkpoint(r2plus1d.net, root / "r2plus1d.pth")
     stimuli, stimulus_labels, _ = make_dataset(1, classes=CLASSES, seed=7)
     paths = [str(write_mp4(clip, root / f"{CLASSES[y]}.mp4"))

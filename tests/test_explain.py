@@ -19,6 +19,7 @@ from leaps.adapter import Adapter, Tap
 from leaps.attribution import METHODS
 from leaps.cli import cli
 from leaps.datasets import make_clip, make_dataset
+from leaps.demo import fit
 from leaps.errors import LeapsError
 from leaps.explain import explain_videos, parse_params
 from leaps.hookspecs import hookimpl
@@ -75,14 +76,7 @@ def setup(tmp_path_factory):
         torch.manual_seed(0)
         model = build_model(MODEL)
         videos, labels, _ = make_dataset(24, classes=CLASSES)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        for _ in range(5):
-            model.train()
-            for batch in torch.randperm(len(videos)).split(16):
-                loss = nn.functional.cross_entropy(model(videos[batch]), labels[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+        fit(model, videos, labels, epochs=5, batch_size=16)
         checkpoint = root / "tiny.pth"
         TinyExplain3D().save_checkpoint(model.net, checkpoint)
         paths = {name: write_mp4(make_clip(name, frames=12, size=48, seed=9).video,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from torch import nn
 from leaps import runs
 from leaps.adapter import Adapter, Tap
 from leaps.datasets import make_dataset
+from leaps.demo import fit
 from leaps.errors import LeapsError
 from leaps.hookspecs import hookimpl
 from leaps.invert import Inverter, InvertConfig, invert
@@ -70,15 +70,7 @@ def motion(tmp_path_factory):
         torch.manual_seed(0)
         model = build_model("testmotion.tiny3d")
         videos, labels, _ = make_dataset(64, classes=CLASSES)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        for _ in range(10):
-            model.train()
-            for batch in torch.randperm(len(videos)).split(32):
-                loss = nn.functional.cross_entropy(model(videos[batch]), labels[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        model.eval()
+        fit(model, videos, labels, epochs=10)
         checkpoint = root / "tiny3d.pth"
         TinyMotion3D().save_checkpoint(model.net, checkpoint)
         stimuli, stimulus_labels, _ = make_dataset(1, classes=CLASSES, seed=7)
