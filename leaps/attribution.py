@@ -358,6 +358,43 @@ def capture_gradients(model: nn.Module, taps: Sequence[Tap], inputs: Tensor, tar
     return pairs
 
 
+#: How a class activation map weighs the layer's activation ``A`` by its gradient ``G``.
+CAM_WEIGHTS = ("gradcam", "gradcam++", "layercam")
+
+
+def cam_from(activation: Tensor, gradient: Tensor, temporal: str = "frame",
+             weights: str = "gradcam") -> Tensor:
+    """The (signed, not yet rectified) class activation map ``[B, 1, T', H', W']`` from a
+    layer's activation and gradient ``[B, C, T', H', W']``.
+
+    ``weights``:
+
+    * ``gradcam`` (Selvaraju et al. 2017): ``w_c = mean G_c`` over the pooled positions;
+    * ``gradcam++`` (Chattopadhay et al. 2018, with its exponential-score closed form, as
+      pytorch-grad-cam computes it): ``w_c = sum alpha_c * ReLU(G_c)``, ``alpha_c = G_c^2 /
+      (2 G_c^2 + sum(A_c) G_c^3)`` (0 where ``G_c = 0``), sums over the pooled positions;
+    * ``layercam`` (Jiang et al. 2021): a weight per position, ``ReLU(G) * A`` summed over
+      channels (meant for early, high-resolution layers, where one weight per channel mixes
+      the object with the background; ``temporal`` does not apply).
+
+    The pooled positions are each time step's ``H' x W'`` (``temporal="frame"``) or the whole
+    ``T' x H' x W'`` (``"clip"``).
+    """
+    dims = (3, 4) if temporal == "frame" else (2, 3, 4)
+    if weights == "layercam":
+        return (gradient.clamp(min=0) * activation).sum(dim=1, keepdim=True)
+    if weights == "gradcam++":
+        squared = gradient ** 2
+        denominator = 2 * squared + activation.sum(dim=dims, keepdim=True) * gradient ** 3
+        alpha = torch.where(gradient != 0, squared / torch.where(
+            denominator != 0, denominator, torch.ones_like(denominator)),
+            torch.zeros_like(gradient))
+        channel = (alpha * gradient.clamp(min=0)).sum(dim=dims, keepdim=True)
+    else:
+        channel = gradient.mean(dim=dims, keepdim=True)
+    return (channel * activation).sum(dim=1, keepdim=True)
+
+
 class GradCAM(Attribution):
     """Grad-CAM (Selvaraju et al. 2017) for video, with per-time-step channel weights.
 
@@ -367,6 +404,9 @@ class GradCAM(Attribution):
         temporal="frame" (default): w[b,c,t] = mean_{h,w} G[b,c,t,h,w]
         temporal="clip":            w[b,c]   = mean_{t,h,w} G[b,c,t,h,w]  (Captum's LayerGradCam)
         cam[b,t,h,w] = ReLU(sum_c w * A[b,c,t,h,w])
+
+    ``weights="gradcam++"`` or ``"layercam"`` computes those variants instead (see
+    :func:`cam_from`); plain Grad-CAM is the default.
 
     Per-time-step weights (as VideoVisual and mmaction2 compute them) let each moment of the
     clip weigh the channels that matter then; one weight per clip blurs what moves. The map is
@@ -437,17 +477,18 @@ class GradCAM(Attribution):
         return pair
 
     def attribute(self, inputs: Tensor, target: Target = None, *, temporal: str = "frame",
-                  relu: bool = True) -> Tensor:
+                  relu: bool = True, weights: str = "gradcam") -> Tensor:
         inputs = _check_inputs(inputs)
         if temporal not in ("frame", "clip"):
             raise LeapsError(f"temporal must be 'frame' (weights per time step) or 'clip' "
                              f"(one weight per channel), got {temporal!r}")
+        if weights not in CAM_WEIGHTS:
+            raise LeapsError(f"weights must be one of {', '.join(CAM_WEIGHTS)}, got "
+                             f"{weights!r}")
         targets = resolve_targets(self.model, inputs, target)
         activation, gradient = self.activations_and_gradients(inputs, targets)
         activation, gradient = self._usable_layer(inputs, targets, activation, gradient)
-        dims = (3, 4) if temporal == "frame" else (2, 3, 4)
-        weights = gradient.mean(dim=dims, keepdim=True)
-        cam = (weights * activation).sum(dim=1, keepdim=True)
+        cam = cam_from(activation, gradient, temporal, weights)
         if relu:
             cam = cam.clamp(min=0)
         return F.interpolate(cam, size=tuple(inputs.shape[2:]), mode="trilinear",

@@ -276,8 +276,8 @@ def _write_all(out_dir: Path, results: list[Explanation], fps: float, alpha: flo
                                "adapter's Grad-CAM layer].")
 @click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE",
               help="A method parameter, e.g. -p n_steps=64 -p baseline=blur (ig), "
-                   "-p temporal=clip (gradcam), -p area=0.05 -p iterations=500 (perturbation); "
-                   "see docs/attribution.md.")
+                   "-p temporal=clip -p weights=gradcam++ (gradcam), -p area=0.05 "
+                   "-p iterations=500 (perturbation); see docs/attribution.md.")
 @click.option("--checkpoint", help="Weights to load: a file in the family's native format, or "
                                    "'registry' for the entry's official checkpoint.")
 @click.option("--labels", type=click.Path(dir_okay=False),

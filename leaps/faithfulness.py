@@ -5,7 +5,8 @@
   a LOWER area under the curve is better.
 * Insertion: start from the baseline (a blurred clip) and put the highest-ranked voxels back
   first; a HIGHER area is better.
-* Pointing game (Zhang et al. 2016): in each frame, is the map's maximum inside the object?
+* Pointing game (Zhang et al. 2016): in each frame, is the map's maximum inside the object
+  (or within a tolerance of it)?
 
 Voxels are ranked over the whole clip (``T x H x W``), not frame by frame, so a map is also
 judged on WHEN it puts its mass. Ties are broken at random (seeded), so a flat region of a map
@@ -14,6 +15,7 @@ is not read as "top-left first".
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -107,34 +109,58 @@ def insertion_curve(model: nn.Module, inputs: Tensor, saliency: Tensor, target: 
     return _curve(model, inputs, saliency, target, steps, baseline, True, batch_size, seed)
 
 
-def pointing_game(saliency: Tensor, masks: Tensor, tolerance: int = 0) -> Tensor:
-    """Per-frame hits ``[B, T]`` (bool): the map's maximum lies inside the object mask, or
-    within ``tolerance`` pixels of it (Chebyshev distance).
+def pointing_game(saliency: Tensor, masks: Tensor, tolerance: float = 0, seed: int = 0
+                  ) -> Tensor:
+    """Per-frame hits ``[B, T]`` (bool): the map's maximum lies inside the object mask or, with
+    ``tolerance > 0``, closer than ``tolerance`` pixels (Euclidean) to one of its pixels.
 
-    ``saliency`` is ``[B, T, H, W]`` (or ``[B, 1, T, H, W]``), ``masks`` bool ``[B, T, H, W]``.
-    A frame whose map is constant points nowhere and counts as a miss; average the hits over
-    frames that show the object (``masks.flatten(2).any(2)``) for the hit rate.
+    ``saliency`` is ``[B, T, H, W]`` (or ``[B, 1, T, H, W]``), ``masks`` bool ``[B, T, H, W]``,
+    on the same pixel grid. This is the pointing game of Zhang et al. (ECCV 2016) as TorchRay's
+    reference implementation scores it (``torchray.benchmark.pointing_game``: a hit when the
+    mask meets the disc of distance < tolerance around the maximum; 15 px on the original
+    image there), with two rules for maps that are not natural images:
+
+    * a frame whose map is constant points nowhere: a miss;
+    * several pixels sharing the maximum (a saturated or clipped map, the plateau a coarse
+      map leaves at the frame border after upsampling) are a tie, broken at random (seeded),
+      not in raster order, which would always pick the plateau's top-left pixel.
+
+    Give the raw map (or :func:`~leaps.attribution.heatmap` with ``percentile=100``), not a
+    display heat map clipped at a percentile: clipping makes the top voxels tie.
+
+    Frames without the object (an empty mask) are scored too (a miss); :func:`hit_rate`
+    leaves them out, as the pointing game does (it asks only about objects present).
     """
     if saliency.dim() == 5:
         saliency = saliency[:, 0]
     if saliency.shape != masks.shape:
         raise ValueError(f"saliency {tuple(saliency.shape)} and masks {tuple(masks.shape)} "
                          "differ in shape")
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     b, t, h, w = saliency.shape
     flat = saliency.detach().reshape(b, t, -1).float()
-    peak = flat.argmax(dim=2)
-    region = masks.to(torch.bool)
+    top = flat.max(dim=2, keepdim=True).values
+    generator = torch.Generator().manual_seed(seed)
+    lottery = torch.rand(flat.shape, generator=generator).to(flat.device)
+    peak = torch.where(flat == top, lottery, torch.full_like(lottery, -1.0)).argmax(dim=2)
+    region = masks.to(torch.bool).to(flat.device)
     if tolerance > 0:
-        size = 2 * tolerance + 1
-        region = F.max_pool2d(region.float().reshape(b * t, 1, h, w), size, stride=1,
-                              padding=tolerance).reshape(b, t, h, w) > 0
-    hits = region.reshape(b, t, -1).to(peak.device).gather(2, peak[..., None])[..., 0]
-    flat_frames = flat.max(dim=2).values == flat.min(dim=2).values
+        radius = math.ceil(tolerance) - 1 if float(tolerance).is_integer() else \
+            math.floor(tolerance)
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        disc = (offsets[:, None] ** 2 + offsets[None, :] ** 2) < float(tolerance) ** 2
+        region = F.conv2d(region.float().reshape(b * t, 1, h, w),
+                          disc.float()[None, None].to(flat.device),
+                          padding=radius).reshape(b, t, h, w) > 0
+    hits = region.reshape(b, t, -1).gather(2, peak[..., None])[..., 0]
+    flat_frames = top[..., 0] == flat.min(dim=2).values
     return hits & ~flat_frames
 
 
-def hit_rate(saliency: Tensor, masks: Tensor, tolerance: int = 0) -> float:
-    """Fraction of frames showing the object where :func:`pointing_game` hits."""
-    hits = pointing_game(saliency, masks, tolerance)
+def hit_rate(saliency: Tensor, masks: Tensor, tolerance: float = 0, seed: int = 0) -> float:
+    """Fraction of the frames that show the object (non-empty mask) where
+    :func:`pointing_game` hits; frames without the object are left out."""
+    hits = pointing_game(saliency, masks, tolerance, seed)
     shown = masks.reshape(*masks.shape[:2], -1).any(dim=2).to(hits.device)
     return float(hits[shown].float().mean()) if shown.any() else float("nan")

@@ -193,6 +193,43 @@ def test_gradcam_per_time_step_equals_a_direct_computation_and_differs_from_clip
     assert correlation(ours, clip_wide) < 0.99  # per-time-step weights really differ
 
 
+def test_gradcam_plus_plus_and_layercam_equal_a_direct_computation(trained):
+    """Grad-CAM++ (Chattopadhay et al. 2018, closed form as in pytorch-grad-cam) and LayerCAM
+    (Jiang et al. 2021) written out by hand from a hooked activation and its gradient."""
+    model, clips, targets = trained["model"], trained["clips"][:4], trained["targets"][:4]
+    store = {}
+
+    def hook(_module, _inputs, output):
+        output.retain_grad()
+        store["a"] = output
+
+    handle = model.tap("block1").module.register_forward_hook(hook)
+    try:
+        model(clips).gather(1, targets[:, None]).sum().backward()
+    finally:
+        handle.remove()
+    model.zero_grad(set_to_none=True)
+    a, g = store["a"].detach(), store["a"].grad
+
+    def upsampled(cam):
+        return nn.functional.interpolate(torch.relu(cam), size=tuple(clips.shape[2:]),
+                                         mode="trilinear", align_corners=False)
+
+    for temporal, dims in (("frame", (3, 4)), ("clip", (2, 3, 4))):
+        alpha = g ** 2 / (2 * g ** 2 + a.sum(dim=dims, keepdim=True) * g ** 3)
+        alpha = torch.nan_to_num(torch.where(g != 0, alpha, torch.zeros_like(alpha)))
+        w = (alpha * torch.relu(g)).sum(dim=dims, keepdim=True)
+        direct = upsampled((w * a).sum(dim=1, keepdim=True))
+        ours = GradCAM(model, "block1").attribute(clips, target=targets, temporal=temporal,
+                                                  weights="gradcam++")
+        torch.testing.assert_close(ours, direct, rtol=1e-4, atol=1e-6)
+    direct = upsampled((torch.relu(g) * a).sum(dim=1, keepdim=True))
+    ours = GradCAM(model, "block1").attribute(clips, target=targets, weights="layercam")
+    torch.testing.assert_close(ours, direct, rtol=1e-4, atol=1e-6)
+    with pytest.raises(LeapsError, match="weights must be one of gradcam, gradcam"):
+        GradCAM(model).attribute(clips, target=targets, weights="scorecam")
+
+
 @pytest.mark.parametrize("name, layer, to_video", [
     # Video Swin: channels-last [B, T, H, W, C]
     ("torchvision.swin3d_t", "features.6.1", lambda t, _out: t.permute(0, 4, 1, 2, 3)),
@@ -362,11 +399,37 @@ def test_pointing_game_on_hand_made_maps():
     masks[0, :, 2:4, 2:4] = True
     saliency = torch.zeros(1, 3, 8, 8)
     saliency[0, 0, 3, 3] = 1.0   # inside
-    saliency[0, 1, 6, 6] = 1.0   # two pixels off the object's corner at (3, 3)
+    saliency[0, 1, 5, 3] = 1.0   # two pixels below the object's pixel (3, 3)
     # frame 2 stays constant: it points nowhere
     assert pointing_game(saliency, masks).tolist() == [[True, False, False]]
-    assert pointing_game(saliency, masks, tolerance=3).tolist() == [[True, True, False]]
+    # TorchRay's rule: a hit when the mask meets the disc of distance < tolerance (Euclidean)
+    assert pointing_game(saliency, masks, tolerance=2).tolist() == [[True, False, False]]
+    assert pointing_game(saliency, masks, tolerance=2.1).tolist() == [[True, True, False]]
+    diagonal = torch.zeros(1, 1, 8, 8)
+    diagonal[0, 0, 5, 5] = 1.0   # (2, 2) from (3, 3): 2.83 px, 2 px by Chebyshev distance
+    assert pointing_game(diagonal, masks[:, :1], tolerance=2.5).tolist() == [[False]]
+    assert pointing_game(diagonal, masks[:, :1], tolerance=2.9).tolist() == [[True]]
     assert hit_rate(saliency, masks) == pytest.approx(1 / 3)
+    # frames without the object are left out of the hit rate, not counted as misses
+    absent = masks.clone()
+    absent[0, 2] = False
+    assert hit_rate(saliency, absent) == pytest.approx(1 / 2)
+
+
+def test_pointing_game_breaks_ties_at_random_not_in_raster_order():
+    """A plateau of equal maxima (a clipped heat map, an upsampled coarse map's border) whose
+    first row in raster order lies outside the object and whose other three lie inside: the
+    raster-order argmax would miss in every frame; a random pick hits about 3/4 of them."""
+    masks = torch.zeros(1, 400, 8, 8, dtype=torch.bool)
+    masks[..., 3:, :] = True
+    saliency = torch.zeros(1, 400, 8, 8)
+    saliency[..., 2:6, :] = 1.0
+    rate = hit_rate(saliency, masks)
+    assert 0.68 < rate < 0.82, rate
+    assert hit_rate(saliency, masks, seed=0) == rate  # seeded
+    single = saliency.clone()
+    single[..., 4, 5] = 2.0  # one clear maximum is not a tie
+    assert hit_rate(single, masks) == 1.0
 
 
 def test_gradcam_points_at_the_moving_object_more_than_chance(trained):

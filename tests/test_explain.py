@@ -104,7 +104,8 @@ def test_api_writes_every_output_per_video(setup, tmp_path):
         assert record["top5"][0]["name"] == CLASSES[predicted]
         assert len(record["top5"]) == 4
         assert record["method"] == "gradcam"
-        assert record["parameters"] == {"temporal": "frame", "relu": True, "layer": "block2"}
+        assert record["parameters"] == {"temporal": "frame", "relu": True, "weights": "gradcam",
+                                        "layer": "block2"}
         assert record["checkpoint_sha256"] and record["versions"]["torch"]
         assert len(record["temporal_profile"]) == 8
         raw = torch.load(folder / "map.pt", weights_only=True)
