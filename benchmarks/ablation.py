@@ -8,7 +8,7 @@ and by unseen families (``--also``), Inception Score, motion test, motion oracle
 and diversity. The Markdown table is written with the command that produced it.
 
     python benchmarks/ablation.py --model demo.resnet3d --also demo.r2plus1d \\
-        --iterations 150 --out runs/ablation --markdown docs/ablation.md
+        --iterations 150 --out runs/ablation --markdown docs/ablation/demo.resnet3d.md
 
 Run directories that already hold a finished inversion are measured as they are (so the
 measurements can be redone without inverting again).
