@@ -8,11 +8,11 @@ frames and size, explains each clip's true class with every method, and prints
             the map's maximum lies inside the object mask (strict)
   hit@tol   the same within the original game's tolerance, 15 px at 224 px scaled to the
             clip (32 px: 2.14 px, Euclidean, as TorchRay scores it)
-  hit rand. (--sanity) strict hit of the same method on a copy of the model with
-            re-initialised weights (Adebayo et al. 2018): what the map reads from the input
   hit t±1   strict, against the union of the object's masks at t-1, t, t+1 (where a motion
             detector with a 3-frame temporal kernel sees the object's displacement; a looser
             target, reported next to the strict one, never instead of it)
+  hit rand. (--sanity) strict hit of the same method on a copy of the model with
+            re-initialised weights (Adebayo et al. 2018): what the map reads from the input
   del AUC   area under the deletion curve (top voxels replaced by the blurred clip first;
             lower = more faithful)
   ins AUC   area under the insertion curve (from the blurred clip; higher = more faithful)
@@ -202,9 +202,9 @@ def evaluate(name: str, methods: list[str], clips_per_class: int, reduced: bool,
                                                    steps=steps).auc.mean()),
             "seconds_per_clip": seconds,
         }
-        if twin is not None:  # the same method on the randomised model, the same clips
-            twin_heat = heat if item in controls else explain(twin, item, videos, labels)[0]
-            rows[label]["hit_randomised"] = hit_rate(twin_heat, masks)
+        if twin is not None and item not in controls:  # the same method, randomised model
+            rows[label]["hit_randomised"] = hit_rate(explain(twin, item, videos, labels)[0],
+                                                     masks)
     return {"model": name, "clips": len(videos), "input": [spec.frames, spec.size],
             "tolerance_px": round(tolerance, 2),
             "accuracy": accuracy, "object_fraction": float(masks.float().mean()), **info,
@@ -224,7 +224,8 @@ def print_table(result: dict) -> None:
           + (f"{'hit rand.':>9s} " if sanity else "")
           + f"{'del AUC':>8s} {'ins AUC':>8s} {'s/clip':>8s}")
     for method, row in result["methods"].items():
-        randomised_hit = f"{row['hit_randomised']:9.1%} " if sanity else ""
+        randomised_hit = "" if not sanity else f"{row['hit_randomised']:9.1%} " \
+            if "hit_randomised" in row else f"{'-':>9s} "
         print(f"  {method:{width}s} {row['hit']:6.1%} {row['hit_tolerance']:9.1%} "
               f"{row['hit_neighbours']:8.1%} {randomised_hit}{row['deletion_auc']:8.3f} "
               f"{row['insertion_auc']:8.3f} {row['seconds_per_clip']:8.3f}")
