@@ -9,21 +9,29 @@ Use it from your own test suite::
 
 Each ``check_*`` function is also usable on its own and raises ``AssertionError`` with a
 message naming the model and what is wrong. :func:`registered_plugin` registers an in-process
-plugin for the duration of a ``with`` block (for tests of plugins that are not installed).
+plugin for the duration of a ``with`` block (for tests of plugins that are not installed);
+:class:`InProcessPlugin` is such a plugin made of adapter classes and registry entries, and
+:class:`Conv3DStack` a small 3D CNN adapter configured by its entry, which trains on
+:mod:`leaps.datasets` motion clips in seconds::
+
+    entry = motion_entry(["left", "right"], blocks=[[16, [1, 2, 2]], [32, [2, 2, 2]]])
+    with registered_plugin(InProcessPlugin([Conv3DStack], {"mine.tiny": entry}), "mine"):
+        model = build_model("mine.tiny")
 """
 
 from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from leaps.adapter import VideoClassifier
+from leaps.adapter import Adapter, InputSpec, Tap, VideoClassifier
+from leaps.hookspecs import hookimpl
 from leaps.plugins import get_host
 from leaps.registry import ModelSpec, build_model, load_registry, reset_registry
 
@@ -232,3 +240,59 @@ def registered_plugin(plugin: Any, name: str) -> Iterator[None]:
             host.remove(plugin, info)
         reset_registry()
         _CACHE.clear()
+
+
+class InProcessPlugin:
+    """A plugin made of adapter classes and a registry mapping, for :func:`registered_plugin`."""
+
+    def __init__(self, adapters: Sequence[type[Adapter]], models: dict[str, Any]) -> None:
+        self.adapters, self.models = list(adapters), models
+
+    @hookimpl
+    def leaps_register_adapters(self, register: Callable[[type], None]) -> None:
+        for adapter in self.adapters:
+            register(adapter)
+
+    @hookimpl
+    def leaps_register_models(self, register: Callable[[Any], None]) -> None:
+        register({"models": self.models})
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: Sequence[int], kernel: Sequence[int]) -> nn.Module:
+    return nn.Sequential(nn.Conv3d(cin, cout, tuple(kernel), stride=tuple(stride),
+                                   padding=tuple(k // 2 for k in kernel), bias=False),
+                         nn.BatchNorm3d(cout), nn.ReLU())
+
+
+class Conv3DStack(Adapter):
+    """Blocks of Conv3d-BatchNorm-ReLU, a global average pool and a linear head; one tap per
+    block (``block0``, ``block1``, ...). ``arch["blocks"]`` lists the blocks, each one conv
+    ``[out_channels, stride]`` or ``[out_channels, stride, kernel]`` (default kernel 3x3x3), or
+    a list of such convs run in sequence (e.g. a spatial then a temporal one, as in (2+1)D)."""
+
+    name = "testing.conv3d"
+
+    def create(self, arch: dict[str, Any], num_classes: int, spec: InputSpec) -> nn.Module:
+        layers, channels = [], 3
+        for block in arch["blocks"]:
+            convs = block if isinstance(block[0], list) else [block]
+            modules = []
+            for out, stride, *kernel in convs:
+                kernel = kernel[0] if kernel else (3, 3, 3)
+                modules.append(_conv_bn_relu(channels, out, stride, kernel))
+                channels = out
+            layers.append(modules[0] if len(modules) == 1 else nn.Sequential(*modules))
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool3d(1), nn.Flatten(),
+                             nn.Linear(channels, num_classes))
+
+    def taps(self, net: nn.Module, arch: dict[str, Any], spec: InputSpec) -> list[Tap]:
+        return [Tap(f"block{i}", net[i]) for i in range(len(arch["blocks"]))]
+
+
+def motion_entry(classes: Sequence[str], blocks: list[Any], **fields: Any) -> dict[str, Any]:
+    """A registry entry for a :class:`Conv3DStack` on 8x32x32 motion clips of ``classes``
+    (verifier ``self``; ``fields`` add or replace entry fields, e.g. mirrors, opposites)."""
+    return {"adapter": Conv3DStack.name, "arch": {"blocks": blocks},
+            "input": {"frames": 8, "size": 32, "mean": [0.5] * 3, "std": [0.25] * 3},
+            "labels": list(classes), "verifier": "self",
+            "leaps": {"lambda_1": 1.0, "lambda_L": 0.2, "r": 1e-3}, **fields}

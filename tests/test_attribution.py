@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from leaps.adapter import Adapter, Tap
 from leaps.attribution import (
     METHODS,
     GradCAM,
@@ -25,9 +24,8 @@ from leaps.datasets import make_dataset
 from leaps.demo import fit
 from leaps.errors import LeapsError
 from leaps.faithfulness import deletion_curve, hit_rate, insertion_curve, pointing_game
-from leaps.hookspecs import hookimpl
 from leaps.registry import build_model, load_registry, missing_requirements
-from leaps.testing import registered_plugin
+from leaps.testing import Conv3DStack, InProcessPlugin, motion_entry, registered_plugin
 
 pytest.importorskip("captum")
 
@@ -35,46 +33,15 @@ CLASSES = ("left", "right", "up", "down")
 MODEL = "testattr.tiny3d"
 
 
-def _block(cin: int, cout: int, stride: tuple[int, int, int]) -> nn.Module:
-    return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False),
-                         nn.BatchNorm3d(cout), nn.ReLU())
-
-
-class TinyAttr3D(Adapter):
-    """Four conv blocks (temporal stride in the third): trains on the motion data in seconds."""
-
-    name = "testattr.tiny3d"
-
-    def create(self, arch, num_classes, spec):
-        return nn.Sequential(_block(3, 16, (1, 2, 2)), _block(16, 32, (1, 2, 2)),
-                             _block(32, 32, (2, 1, 1)), _block(32, 64, (1, 1, 1)),
-                             nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(64, num_classes))
-
-    def taps(self, net, arch, spec):
-        return [Tap(f"block{i}", net[i]) for i in range(4)]
-
-
-class AttrPlugin:
-    @hookimpl
-    def leaps_register_adapters(self, register):
-        register(TinyAttr3D)
-
-    @hookimpl
-    def leaps_register_models(self, register):
-        register({"models": {MODEL: {
-            "adapter": MODEL,
-            "input": {"frames": 8, "size": 32, "mean": [0.5, 0.5, 0.5],
-                      "std": [0.25, 0.25, 0.25]},
-            "labels": list(CLASSES), "verifier": "self",
-            "leaps": {"lambda_1": 1.0, "lambda_L": 0.2, "r": 1e-3},
-        }}})
+BLOCKS = [[16, [1, 2, 2]], [32, [1, 2, 2]], [32, [2, 1, 1]], [64, [1, 1, 1]]]
+PLUGIN = InProcessPlugin([Conv3DStack], {MODEL: motion_entry(CLASSES, BLOCKS)})
 
 
 @pytest.fixture(scope="module")
 def trained():
     """The tiny model trained on motion clips for a few seconds, held-out clips with masks."""
     torch.set_num_threads(1)  # tiny convolutions: threads cost more than they give
-    with registered_plugin(AttrPlugin(), "testattr"):
+    with registered_plugin(PLUGIN, "testattr"):
         torch.manual_seed(0)
         model = build_model(MODEL)
         videos, labels, _ = make_dataset(24, classes=CLASSES)

@@ -10,15 +10,15 @@ import pytest
 
 from leaps.adapter import Adapter
 from leaps.errors import LeapsError
-from leaps.hookspecs import hookimpl
 from leaps.registry import build_model, load_registry, missing_requirements
-from leaps.testing import registered_plugin
+from leaps.testing import InProcessPlugin, registered_plugin
 
 TABLE_S1 = {  # the paper's Table S1: lambda_1, lambda_L, r
     "3D R50": (1.0, 0.3, 7.5e-3), "(2+1)D R50": (0.75, 0.1, 5e-3), "CSN R50": (1.0, 0.2, 5e-3),
     "X3D XS": (1.0, 0.2, 1e-3), "X3D S": (1.0, 0.1, 1e-3), "X3D M": (0.75, 0.1, 1e-3),
     "X3D L": (0.75, 0.1, 1e-3), "TimeSformer": (1.0, 0.2, 2.5e-3),
-    "Swin-T": (0.75, 0.2, 1e-3), "Swin-S": (0.75, 0.1, 1e-3), "Swin-B": (0.625, 0.1, 1e-3), "MViTv2-S": (0.75, 0.1, 2.5e-3),
+    "Swin-T": (0.75, 0.2, 1e-3), "Swin-S": (0.75, 0.1, 1e-3), "Swin-B": (0.625, 0.1, 1e-3),
+    "MViTv2-S": (0.75, 0.1, 2.5e-3),
     "MViTv2-B": (0.75, 0.1, 1e-3), "rev-MViT-B": (0.625, 0.1, 5e-3),
     "UniFormerV2-B": (1.0, 0.2, 2.5e-3), "UniFormerV2-L": (1.0, 0.1, 1e-3),
 }
@@ -81,22 +81,14 @@ class NeedsMissingLibrary(Adapter):
     requires = {"leaps_no_such_module": "nosuchextra"}
 
 
-class NeedyPlugin:
-    @hookimpl
-    def leaps_register_adapters(self, register):
-        register(NeedsMissingLibrary)
-
-    @hookimpl
-    def leaps_register_models(self, register):
-        register({"models": {"needy.net": {
-            "adapter": "needy.net", "input": {"frames": 2, "size": 8, "mean": [0, 0, 0],
-                                              "std": [1, 1, 1]},
-            "labels": ["a", "b"], "verifier": "none",
-            "leaps": {"lambda_1": 1.0, "lambda_L": 0.1, "r": 0.001}}}})
+NEEDY = InProcessPlugin([NeedsMissingLibrary], {"needy.net": {
+    "adapter": "needy.net", "input": {"frames": 2, "size": 8, "mean": [0, 0, 0], "std": [1, 1, 1]},
+    "labels": ["a", "b"], "verifier": "none",
+    "leaps": {"lambda_1": 1.0, "lambda_L": 0.1, "r": 0.001}}})
 
 
 def test_entry_needing_a_missing_library_names_the_pip_extra():
-    with registered_plugin(NeedyPlugin(), "needy"):
+    with registered_plugin(NEEDY, "needy"):
         spec = load_registry().get("needy.net")
         assert "pip install 'leaps[nosuchextra]'" in missing_requirements(spec)
         with pytest.raises(LeapsError, match=r"not usable here: needs leaps_no_such_module: "

@@ -13,18 +13,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from torch import nn
 
-from leaps.adapter import Adapter, Tap
 from leaps.attribution import METHODS
 from leaps.cli import cli
 from leaps.datasets import make_clip, make_dataset
 from leaps.demo import fit
 from leaps.errors import LeapsError
 from leaps.explain import explain_videos, parse_params
-from leaps.hookspecs import hookimpl
 from leaps.registry import build_model
-from leaps.testing import registered_plugin
+from leaps.testing import Conv3DStack, InProcessPlugin, motion_entry, registered_plugin
 from leaps.video import read_clip, write_mp4
 
 pytest.importorskip("captum")
@@ -33,37 +30,8 @@ CLASSES = ("left", "right", "up", "down")
 MODEL = "testexplain.tiny3d"
 
 
-def _block(cin: int, cout: int, stride: tuple[int, int, int]) -> nn.Module:
-    return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False),
-                         nn.BatchNorm3d(cout), nn.ReLU())
-
-
-class TinyExplain3D(Adapter):
-    name = MODEL
-
-    def create(self, arch, num_classes, spec):
-        return nn.Sequential(_block(3, 16, (1, 2, 2)), _block(16, 32, (1, 2, 2)),
-                             _block(32, 32, (2, 1, 1)), nn.AdaptiveAvgPool3d(1), nn.Flatten(),
-                             nn.Linear(32, num_classes))
-
-    def taps(self, net, arch, spec):
-        return [Tap(f"block{i}", net[i]) for i in range(3)]
-
-
-class ExplainPlugin:
-    @hookimpl
-    def leaps_register_adapters(self, register):
-        register(TinyExplain3D)
-
-    @hookimpl
-    def leaps_register_models(self, register):
-        register({"models": {MODEL: {
-            "adapter": MODEL,
-            "input": {"frames": 8, "size": 32, "mean": [0.5, 0.5, 0.5],
-                      "std": [0.25, 0.25, 0.25]},
-            "labels": list(CLASSES), "verifier": "self",
-            "leaps": {"lambda_1": 1.0, "lambda_L": 0.2, "r": 1e-3},
-        }}})
+PLUGIN = InProcessPlugin([Conv3DStack], {MODEL: motion_entry(
+    CLASSES, [[16, [1, 2, 2]], [32, [1, 2, 2]], [32, [2, 1, 1]]])})
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +40,13 @@ def setup(tmp_path_factory):
     (12 frames of 48x48: reading samples and resizes them to the model's 8x32x32)."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("explain")
-    with registered_plugin(ExplainPlugin(), "testexplain"):
+    with registered_plugin(PLUGIN, "testexplain"):
         torch.manual_seed(0)
         model = build_model(MODEL)
         videos, labels, _ = make_dataset(24, classes=CLASSES)
         fit(model, videos, labels, epochs=5, batch_size=16)
         checkpoint = root / "tiny.pth"
-        TinyExplain3D().save_checkpoint(model.net, checkpoint)
+        Conv3DStack().save_checkpoint(model.net, checkpoint)
         paths = {name: write_mp4(make_clip(name, frames=12, size=48, seed=9).video,
                                  root / f"{name}.mp4") for name in CLASSES}
         yield {"root": root, "checkpoint": str(checkpoint), "videos": paths}

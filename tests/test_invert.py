@@ -8,71 +8,36 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 from leaps import runs
-from leaps.adapter import Adapter, Tap
 from leaps.datasets import make_dataset
 from leaps.demo import fit
 from leaps.errors import LeapsError
-from leaps.hookspecs import hookimpl
-from leaps.invert import Inverter, InvertConfig, invert
+from leaps.invert import InvertConfig, Inverter, invert
 from leaps.registry import build_model, load_registry
-from leaps.testing import registered_plugin
+from leaps.testing import Conv3DStack, InProcessPlugin, motion_entry, registered_plugin
 from leaps.video import write_mp4
 
 CLASSES = ("left", "right", "up", "down")
 
 
-def _block(cin: int, cout: int, stride: tuple[int, int, int]) -> nn.Module:
-    return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False),
-                         nn.BatchNorm3d(cout), nn.ReLU())
-
-
-class TinyMotion3D(Adapter):
-    """A four-block 3D CNN with BatchNorm: small enough to train in seconds."""
-
-    name = "testmotion.tiny3d"
-
-    def create(self, arch, num_classes, spec):
-        return nn.Sequential(_block(3, 16, (1, 2, 2)), _block(16, 32, (1, 2, 2)),
-                             _block(32, 32, (2, 2, 2)), _block(32, 64, (1, 1, 1)),
-                             nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(64, num_classes))
-
-    def taps(self, net, arch, spec):
-        return [Tap(f"block{i}", net[i]) for i in range(4)]
-
-
-class MotionPlugin:
-    @hookimpl
-    def leaps_register_adapters(self, register):
-        register(TinyMotion3D)
-
-    @hookimpl
-    def leaps_register_models(self, register):
-        register({"models": {"testmotion.tiny3d": {
-            "adapter": "testmotion.tiny3d",
-            "input": {"frames": 8, "size": 32, "mean": [0.5, 0.5, 0.5],
-                      "std": [0.25, 0.25, 0.25]},
-            "labels": list(CLASSES),
-            "verifier": "self",
-            "leaps": {"lambda_1": 1.0, "lambda_L": 0.2, "r": 1e-3},
-            "mirrors": [["left", "right"]],
-            "opposites": [["left", "right"], ["up", "down"]],
-        }}})
+MODEL = "testmotion.tiny3d"
+PLUGIN = InProcessPlugin([Conv3DStack], {MODEL: motion_entry(
+    CLASSES, [[16, [1, 2, 2]], [32, [1, 2, 2]], [32, [2, 2, 2]], [64, [1, 1, 1]]],
+    mirrors=[["left", "right"]], opposites=[["left", "right"], ["up", "down"]])})
 
 
 @pytest.fixture(scope="module")
 def motion(tmp_path_factory):
     """The plugin registered, a model trained on the motion data, stimuli written as mp4."""
     root = tmp_path_factory.mktemp("motion")
-    with registered_plugin(MotionPlugin(), "testmotion"):
+    with registered_plugin(PLUGIN, "testmotion"):
         torch.manual_seed(0)
-        model = build_model("testmotion.tiny3d")
+        model = build_model(MODEL)
         videos, labels, _ = make_dataset(64, classes=CLASSES)
         fit(model, videos, labels, epochs=10)
         checkpoint = root / "tiny3d.pth"
-        TinyMotion3D().save_checkpoint(model.net, checkpoint)
+        Conv3DStack().save_checkpoint(model.net, checkpoint)
         stimuli, stimulus_labels, _ = make_dataset(1, classes=CLASSES, seed=7)
         paths = {}
         for clip, label in zip(stimuli, stimulus_labels):
@@ -86,7 +51,7 @@ def short(**overrides) -> InvertConfig:
 
 def test_inversion_reaches_the_target_and_writes_the_run(motion, tmp_path):
     out = tmp_path / "run"
-    result = invert("testmotion.tiny3d", targets=["right", "up"],
+    result = invert(MODEL, targets=["right", "up"],
                     stimuli=[motion["stimuli"]["right"], motion["stimuli"]["up"]],
                     checkpoint=motion["checkpoint"], config=short(), out=out, progress=False)
     assert result.labels == ["right", "up"]
@@ -115,10 +80,10 @@ def test_priming_pulls_tap_embeddings_toward_the_stimulus(motion):
     stimulus = read_clip(motion["stimuli"]["down"], 8, 32)[None]
     similarity = {}
     for weight in (0.0, 1.0):
-        result = invert("testmotion.tiny3d", targets=["down"], stimuli=[motion["stimuli"]["down"]],
+        result = invert(MODEL, targets=["down"], stimuli=[motion["stimuli"]["down"]],
                         checkpoint=motion["checkpoint"],
                         config=short(priming_weight=weight, iterations=60), progress=False)
-        model = build_model("testmotion.tiny3d", checkpoint=motion["checkpoint"])
+        model = build_model(MODEL, checkpoint=motion["checkpoint"])
         with torch.no_grad():
             _, synth, _ = capture_taps(model, result.video)
             _, real, _ = capture_taps(model, stimulus)
@@ -128,7 +93,7 @@ def test_priming_pulls_tap_embeddings_toward_the_stimulus(motion):
 
 
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(motion, tmp_path):
-    model = build_model("testmotion.tiny3d", checkpoint=motion["checkpoint"])
+    model = build_model(MODEL, checkpoint=motion["checkpoint"])
     from leaps.video import read_clips
 
     clips = [read_clips([motion["stimuli"]["left"]], 8, 32)]
@@ -152,7 +117,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(motion, tmp_path):
 
 def test_nan_loss_stops_naming_the_term_and_keeps_the_last_good_state(motion, tmp_path):
     saved = []
-    model = build_model("testmotion.tiny3d", checkpoint=motion["checkpoint"])
+    model = build_model(MODEL, checkpoint=motion["checkpoint"])
     config = short(coherence_margin=float("nan"), lambda_1=1.0, lambda_L=0.2, r=1e-3)
     from leaps.video import read_clips
 
@@ -174,7 +139,7 @@ def test_bad_input_is_one_line_and_writes_nothing(motion, tmp_path, kwargs, mess
             "checkpoint": motion["checkpoint"], **kwargs}
     out = tmp_path / "run"
     with pytest.raises(LeapsError, match=message) as info:
-        invert("testmotion.tiny3d", config=short(), out=out, progress=False, **args)
+        invert(MODEL, config=short(), out=out, progress=False, **args)
     assert "\n" not in str(info.value)
     assert not out.exists()
 
@@ -183,12 +148,12 @@ def test_corrupt_stimulus_and_wrong_checkpoint(motion, tmp_path):
     corrupt = tmp_path / "corrupt.mp4"
     corrupt.write_bytes(b"\x00not a video" * 100)
     with pytest.raises(LeapsError, match="corrupt.mp4"):
-        invert("testmotion.tiny3d", targets=["left"], stimuli=[corrupt], config=short(),
+        invert(MODEL, targets=["left"], stimuli=[corrupt], config=short(),
                progress=False)
     labels = tmp_path / "labels.txt"
     labels.write_text("a\nb\nc\n")
     with pytest.raises(LeapsError, match="--labels"):
-        invert("testmotion.tiny3d", targets=["a"], stimuli=[motion["stimuli"]["left"]],
+        invert(MODEL, targets=["a"], stimuli=[motion["stimuli"]["left"]],
                checkpoint=motion["checkpoint"], labels=labels, config=short(), progress=False)
 
 
@@ -197,7 +162,7 @@ def test_existing_output_directory_is_never_overwritten(motion, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(LeapsError, match="already exists"):
-        invert("testmotion.tiny3d", targets=["left"], stimuli=[motion["stimuli"]["left"]],
+        invert(MODEL, targets=["left"], stimuli=[motion["stimuli"]["left"]],
                checkpoint=motion["checkpoint"], config=short(), out=out, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
 
@@ -228,7 +193,7 @@ def test_a_short_stimulus_is_stretched_with_a_warning(motion, tmp_path):
     clip = make_dataset(1, classes=("left",), seed=3)[0][0]
     three = write_mp4(clip[:, :3], tmp_path / "three_frames.mp4")
     warnings: list[str] = []
-    result = invert("testmotion.tiny3d", targets=["left"], stimuli=[three],
+    result = invert(MODEL, targets=["left"], stimuli=[three],
                     checkpoint=motion["checkpoint"], config=short(iterations=2),
                     progress=False, on_warning=warnings.append)
     assert result.video.shape[2] == 8
@@ -238,10 +203,10 @@ def test_a_short_stimulus_is_stretched_with_a_warning(motion, tmp_path):
 
 def test_without_stimuli_only_when_priming_is_off(motion, tmp_path):
     with pytest.raises(LeapsError, match="ships none for left.*--priming-weight 0"):
-        invert("testmotion.tiny3d", targets=["left"], checkpoint=motion["checkpoint"],
+        invert(MODEL, targets=["left"], checkpoint=motion["checkpoint"],
                config=short(), progress=False)
     out = tmp_path / "run"
-    result = invert("testmotion.tiny3d", targets=["all"], checkpoint=motion["checkpoint"],
+    result = invert(MODEL, targets=["all"], checkpoint=motion["checkpoint"],
                     config=short(priming_weight=0.0), out=out, progress=False)
     assert result.labels == list(CLASSES)  # --target all: every class of the label set
     record = json.loads((out / "run.json").read_text())

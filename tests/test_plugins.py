@@ -24,6 +24,7 @@ from leaps.hookspecs import hookimpl
 from leaps.plugins import get_host, reset_host
 from leaps.registry import build_model, load_registry
 from leaps.testing import (
+    InProcessPlugin,
     check_checkpoint_round_trip,
     check_input_spec,
     check_norm_layers,
@@ -195,22 +196,6 @@ def entry(adapter: str, **fields: Any) -> dict[str, Any]:
     return raw
 
 
-class Plugin:
-    """An in-process plugin: some adapter classes and a registry mapping."""
-
-    def __init__(self, adapters: list[type[Adapter]], models: dict[str, Any]) -> None:
-        self.adapters, self.models = adapters, models
-
-    @hookimpl
-    def leaps_register_adapters(self, register: Callable[[type], None]) -> None:
-        for adapter in self.adapters:
-            register(adapter)
-
-    @hookimpl
-    def leaps_register_models(self, register: Callable[[Any], None]) -> None:
-        register({"models": self.models})
-
-
 @pytest.fixture
 def fresh_host() -> Iterator[None]:
     """For tests that leave the host half-updated on purpose: reload plugins afterwards."""
@@ -237,7 +222,7 @@ FAULTS = [
 
 
 def test_the_sound_adapter_passes_every_check(tmp_path: Path) -> None:
-    plugin = Plugin([GoodAdapter], {"faulty.good_tiny": entry("faulty.good")})
+    plugin = InProcessPlugin([GoodAdapter], {"faulty.good_tiny": entry("faulty.good")})
     with registered_plugin(plugin, "faulty"):
         for check in CHECKS.values():
             check("faulty.good_tiny", tmp_path)
@@ -248,7 +233,7 @@ def test_the_sound_adapter_passes_every_check(tmp_path: Path) -> None:
 def test_conformance_suite_fails_a_broken_adapter(tmp_path: Path, adapter: type[Adapter],
                                                    check: str, message: str) -> None:
     model = f"{adapter.name}_tiny"
-    with registered_plugin(Plugin([adapter], {model: entry(adapter.name)}), "faulty"):
+    with registered_plugin(InProcessPlugin([adapter], {model: entry(adapter.name)}), "faulty"):
         with pytest.raises(AssertionError, match=re.escape(message)) as failure:
             CHECKS[check](model, tmp_path)
         assert model in str(failure.value)
@@ -257,7 +242,7 @@ def test_conformance_suite_fails_a_broken_adapter(tmp_path: Path, adapter: type[
 
 
 def test_a_detached_tap_fails_the_gradient_check(tmp_path: Path) -> None:
-    plugin = Plugin([TapDetached], {"faulty.detached_tiny": entry("faulty.detached")})
+    plugin = InProcessPlugin([TapDetached], {"faulty.detached_tiny": entry("faulty.detached")})
     with (registered_plugin(plugin, "faulty"),
           pytest.raises(AssertionError, match="is detached from the input")):
         CHECKS["tap_gradients"]("faulty.detached_tiny", tmp_path)
@@ -281,7 +266,8 @@ def test_duplicate_adapter_names_both_providers(fresh_host: None) -> None:
     class Impostor(GoodAdapter):
         name = "torchvision.r3d"
 
-    with pytest.raises(LeapsError) as error, registered_plugin(Plugin([Impostor], {}), "impostor"):
+    impostor = InProcessPlugin([Impostor], {})
+    with pytest.raises(LeapsError) as error, registered_plugin(impostor, "impostor"):
         pass
     message = str(error.value)
     assert "'torchvision.r3d' is provided twice" in message
@@ -293,7 +279,7 @@ def test_a_rejected_plugin_is_not_left_registered(fresh_host: None) -> None:
     class Impostor(GoodAdapter):
         name = "torchvision.r3d"
 
-    plugin = Plugin([Impostor], {})
+    plugin = InProcessPlugin([Impostor], {})
     with pytest.raises(LeapsError, match="provided twice"), registered_plugin(plugin, "impostor"):
         pass
     assert "impostor" not in get_host().plugins
@@ -326,7 +312,7 @@ INVALID_ENTRIES = {
 @pytest.mark.parametrize("case", sorted(INVALID_ENTRIES))
 def test_invalid_registry_mapping_names_entry_and_field(case: str) -> None:
     raw, expected = INVALID_ENTRIES[case]
-    with (registered_plugin(Plugin([], {"broken.entry": raw}), "entries"),
+    with (registered_plugin(InProcessPlugin([], {"broken.entry": raw}), "entries"),
           pytest.raises(LeapsError) as error):
         load_registry()
     message = str(error.value)

@@ -17,51 +17,23 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image, ImageSequence
-from torch import nn
 
-from leaps.adapter import Adapter, Tap
 from leaps.cli import cli
 from leaps.datasets import make_dataset
 from leaps.evaluate import evaluate_runs, table
-from leaps.hookspecs import hookimpl
 from leaps.invert import InvertConfig, invert
 from leaps.registry import build_model
 from leaps.report import write_report
-from leaps.testing import registered_plugin
+from leaps.testing import Conv3DStack, InProcessPlugin, motion_entry, registered_plugin
 from leaps.video import write_mp4
 
 CLASSES = ("left", "right", "up", "down")
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
 
-class TinyConv3D(Adapter):
-    name = "testreport.c3d"
-
-    def create(self, arch, num_classes, spec):
-        def block(cin, cout, stride):
-            return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False),
-                                 nn.BatchNorm3d(cout), nn.ReLU())
-
-        return nn.Sequential(block(3, 8, (1, 2, 2)), block(8, 16, (2, 2, 2)),
-                             nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(16, num_classes))
-
-    def taps(self, net, arch, spec):
-        return [Tap(f"block{i}", net[i]) for i in range(2)]
-
-
-class ReportPlugin:
-    @hookimpl
-    def leaps_register_adapters(self, register):
-        register(TinyConv3D)
-
-    @hookimpl
-    def leaps_register_models(self, register):
-        register({"models": {"testreport.c3d": {
-            "adapter": "testreport.c3d",
-            "input": {"frames": 8, "size": 32, "mean": [0.5] * 3, "std": [0.25] * 3},
-            "labels": list(CLASSES), "verifier": "self",
-            "leaps": {"lambda_1": 1.0, "lambda_L": 0.2, "r": 1e-3},
-            "opposites": [["left", "right"], ["up", "down"]]}}})
+MODEL = "testreport.c3d"
+PLUGIN = InProcessPlugin([Conv3DStack], {MODEL: motion_entry(
+    CLASSES, [[8, [1, 2, 2]], [16, [2, 2, 2]]], opposites=[["left", "right"], ["up", "down"]])})
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +43,14 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     stimuli, labels, _ = make_dataset(1, classes=CLASSES, seed=7)
     paths = [str(write_mp4(clip, root / f"{CLASSES[y]}.mp4")) for clip, y in zip(stimuli, labels)]
-    with registered_plugin(ReportPlugin(), "testreport"):
+    with registered_plugin(PLUGIN, "testreport"):
         torch.manual_seed(0)
-        TinyConv3D().save_checkpoint(build_model("testreport.c3d").net, root / "c3d.pth")
+        Conv3DStack().save_checkpoint(build_model(MODEL).net, root / "c3d.pth")
         common = {"targets": list(CLASSES), "stimuli": paths, "checkpoint": root / "c3d.pth",
                   "progress": False, "on_warning": lambda _: None}
-        a = invert("testreport.c3d", config=InvertConfig(iterations=10, log_every=5),
+        a = invert(MODEL, config=InvertConfig(iterations=10, log_every=5),
                    out=root / "a", **common).run_dir
-        b = invert("testreport.c3d", config=InvertConfig(iterations=10, log_every=5, samples=2,
+        b = invert(MODEL, config=InvertConfig(iterations=10, log_every=5, samples=2,
                                                          seed=1), out=root / "b", **common).run_dir
         yield {"root": root, "a": a, "b": b, "stimuli": paths}
 
@@ -210,7 +182,7 @@ def test_report_reuses_a_saved_evaluation_of_the_same_runs(runs, tmp_path):
     saved = tmp_path / "eval.json"
     evaluation = evaluate_runs([runs["a"]])
     evaluation["runs"][0]["metrics"]["target_prob"] = 0.123  # proves the file was used
-    evaluation["runs"][0]["random_weights"] = ["testreport.c3d"]
+    evaluation["runs"][0]["random_weights"] = [MODEL]
     saved.write_text(json.dumps(evaluation))
     result = CliRunner().invoke(cli, ["report", str(runs["a"]), "--evaluation", str(saved),
                                       "--out", str(tmp_path / "r.html")])
