@@ -73,10 +73,11 @@ def markdown(model: str, also: list[str], rows: list[tuple[str, dict]], command:
     return "\n".join([
         f"# LEAPS ablation on `{model}`", "",
         f"Produced by `{command}`", "",
-        f"{first['iterations']} iterations, {first['samples']} clips per class ({len(first['targets'])} "
-        f"per variant), verifier `{first['verifier']}`; seconds per iteration "
-        f"{first['seconds_per_iteration'] or 0:.3f} (CPU, {torch.get_num_threads()} threads, "
-        f"{platform.machine()}); whole ablation {seconds / 60:.1f} min.", "",
+        f"{first['iterations']} iterations, {first['samples']} clips per class "
+        f"({len(first['targets'])} per variant), verifier `{first['verifier']}`; seconds per "
+        f"iteration {first['seconds_per_iteration'] or 0:.3f} (CPU, "
+        f"{torch.get_num_threads()} threads, {platform.machine()}); "
+        f"whole ablation {seconds / 60:.1f} min.", "",
         "Columns: top-1 of the synthesized clips by the inverted model, its verifier and models "
         "of families that took no part in the optimisation; Inception Score by the model; the "
         "motion test (a clip reversed in time is classified as the opposite class); the "

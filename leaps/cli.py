@@ -11,7 +11,6 @@ import click
 
 from leaps.errors import LeapsError
 
-
 # Commands defined in their own modules, imported only when run (keeps `leaps --help` fast):
 # name -> (module:attribute, the one-line help `leaps --help` shows).
 LAZY_COMMANDS = {
@@ -114,7 +113,8 @@ def models(pattern: str | None, as_json: bool) -> None:
             "name": spec.name, "adapter": spec.adapter, "paper": spec.paper,
             "frames": spec.frames, "size": spec.size, "mean": spec.mean, "std": spec.std,
             "value_range": spec.value_range,
-            "labels": spec.labels if isinstance(spec.labels, str) else f"{len(spec.labels)} classes",
+            "labels": (spec.labels if isinstance(spec.labels, str)
+                       else f"{len(spec.labels)} classes"),
             "verifier": spec.verifier,
             "leaps": vars(spec.leaps),
             "checkpoint": spec.checkpoint.source if spec.checkpoint else None,

@@ -9,7 +9,8 @@ implementation only the arguments it names).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pluggy
 
