@@ -8,7 +8,10 @@ and returns tensors only (no host synchronisation), so the optimisation loop sta
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +32,33 @@ def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(_wide(logits), target)
 
 
+class _Mean(torch.autograd.Function):
+    """``x.mean(dims)`` whose gradient is a broadcast view, not a materialised tensor.
+
+    Autograd's mean backward writes a full-size ``grad / N``, which is then added to the
+    tensor's other gradient (taps are read from activations the network goes on using); here
+    the broadcast ``grad / N`` goes straight into that sum: same values, one full-size pass
+    fewer per tap.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, dims: tuple[int, ...]) -> Tensor:
+        ctx.shape = x.shape
+        ctx.dims = dims
+        ctx.count = math.prod(x.shape[d] for d in dims)
+        return x.mean(dim=dims)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        shape = list(ctx.shape)
+        for d in ctx.dims:
+            shape[d] = 1
+        return (grad / ctx.count).reshape(shape).expand(ctx.shape), None
+
+
 def embedding_mean(features: Tensor) -> Tensor:
     """mu(z) = mean of ``[B, C, T, H, W]`` features over T, H, W -> ``[B, C]``."""
-    return _wide(features).mean(dim=(2, 3, 4))
+    return _Mean.apply(_wide(features), (2, 3, 4))
 
 
 def jvs(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
@@ -51,6 +78,22 @@ def priming_weights(num_taps: int, lambda_1: float, lambda_L: float) -> Tensor:
     return torch.linspace(lambda_1, lambda_L, num_taps)
 
 
+def _segments(flat: Tensor, sizes: Sequence[int]) -> Tensor:
+    """``[..., sum(sizes)]`` (per-layer vectors side by side) -> ``[..., len(sizes), max(sizes)]``,
+    each vector in its own row, zero-padded: per-layer reductions become one reduction over the
+    last axis (one kernel and one autograd node instead of a handful per layer)."""
+    index, width = _segment_index(tuple(sizes), flat.device)
+    padded = flat.new_zeros(*flat.shape[:-1], len(sizes) * width)
+    return padded.index_copy(-1, index, flat).unflatten(-1, (len(sizes), width))
+
+
+@functools.lru_cache(maxsize=64)
+def _segment_index(sizes: tuple[int, ...], device: torch.device) -> tuple[Tensor, int]:
+    width = max(sizes)
+    index = torch.cat([torch.arange(size) + row * width for row, size in enumerate(sizes)])
+    return index.to(device), width
+
+
 def priming_loss(embeddings: Sequence[Tensor], stimulus: Sequence[Tensor],
                  weights: Tensor) -> Tensor:
     """L_prim = (1/L) sum_l lambda_l (1 - JVS(mu(z_l(x*)), mu(z_l(V)))), averaged over the batch.
@@ -58,17 +101,22 @@ def priming_loss(embeddings: Sequence[Tensor], stimulus: Sequence[Tensor],
     ``embeddings[l]`` is mu(z_l(x*)) ``[B, C_l]``; ``stimulus[l]`` the stimulus embedding
     ``[B or 1, C_l]`` (the mean over several stimuli for multi-stimulus priming); ``weights`` the
     lambda_l of the primed taps. Taps not primed are simply left out of both lists; L counts the
-    primed taps.
+    primed taps. All taps are reduced at once (zero-padded rows; see :func:`jvs` for one tap).
     """
     if len(embeddings) != len(stimulus) or len(embeddings) != len(weights):
         raise ValueError("priming needs one stimulus embedding and one weight per tap")
-    terms = [w * (1 - jvs(z, v)) for z, v, w in zip(embeddings, stimulus, weights)]
-    return torch.stack(terms).mean(dim=0).mean()
+    sizes = [z.shape[-1] for z in embeddings]
+    batch = torch.broadcast_shapes(*(v.shape[:-1] for v in stimulus))
+    a = _segments(torch.cat(list(embeddings), dim=-1), sizes)                      # [B, L, C]
+    b = _segments(torch.cat([v.expand(*batch, -1) for v in stimulus], dim=-1), sizes)
+    dot = (a * b).sum(dim=-1)                                                        # [B, L]
+    similarity = dot / (a.pow(2).sum(dim=-1) + b.pow(2).sum(dim=-1) - dot + 1e-8)
+    return (weights * (1 - similarity)).mean(dim=-1).mean()
 
 
 def frame_vectors(features: Tensor) -> Tensor:
     """f_t = mean of ``[B, C, T, H, W]`` features over H, W -> ``[B, C, T]``."""
-    return _wide(features).mean(dim=(3, 4))
+    return _Mean.apply(_wide(features), (3, 4))
 
 
 def coherence_loss(frames: Tensor, margin: float | Tensor) -> Tensor:
@@ -103,12 +151,41 @@ def coherence_margin(frames: Tensor) -> Tensor:
     return distance[:, t1, t2].mean()
 
 
+class _ChannelMoments(torch.autograd.Function):
+    """Per-channel mean and biased variance with a one-pass backward.
+
+    The values are those of ``torch.var_mean(x, dims, unbiased=False)``; only the work differs:
+    on CPU, where ``var_mean``'s Welford reduction over strided axes is several times slower than
+    a forward+backward of the norm layer itself, the variance is taken in two passes (mean, then
+    the mean square deviation: as exact as Welford). The backward,
+        d/dx = g_mean / N + (2 g_var / N) (x - mean),
+    is one ``addcmul`` over x with the saved mean instead of autograd's re-reduction, subtraction,
+    product, expansion and sum (5 full-size passes).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, dims: list[int]) -> tuple[Tensor, Tensor]:
+        if x.device.type == "cpu":
+            mean = x.mean(dim=dims, keepdim=True)
+            var = (x - mean).square_().mean(dim=dims, keepdim=True)
+        else:
+            var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
+        ctx.save_for_backward(x, mean)
+        ctx.count = x.numel() // max(1, mean.numel())
+        return mean.flatten(), var.flatten()
+
+    @staticmethod
+    def backward(ctx: Any, grad_mean: Tensor, grad_var: Tensor) -> tuple[Tensor, None]:
+        x, mean = ctx.saved_tensors
+        scale = grad_var.reshape(mean.shape) * (2.0 / ctx.count)
+        shift = grad_mean.reshape(mean.shape) / ctx.count - scale * mean
+        return torch.addcmul(shift, x, scale), None
+
+
 def channel_stats(x: Tensor, channel_dim: int) -> tuple[Tensor, Tensor]:
     """Per-channel mean and (biased) variance of a norm layer's input over all other axes."""
     dim = channel_dim % x.dim()
-    var, mean = torch.var_mean(_wide(x), dim=[d for d in range(x.dim()) if d != dim],
-                               unbiased=False)
-    return mean, var
+    return _ChannelMoments.apply(_wide(x), [d for d in range(x.dim()) if d != dim])
 
 
 def feature_stats_loss(stats: Sequence[tuple[Tensor, Tensor]],
@@ -117,10 +194,17 @@ def feature_stats_loss(stats: Sequence[tuple[Tensor, Tensor]],
 
     ``stats[l]`` are the batch mean/variance of the verifier's l-th norm-layer input for x*,
     ``targets[l]`` the running (or estimated) statistics; ``weights`` w_l, the first larger.
+    All layers are reduced at once: one norm per zero-padded row (2 rows a layer).
     """
-    terms = [w * (torch.linalg.vector_norm(m - tm) + torch.linalg.vector_norm(v - tv))
-             for (m, v), (tm, tv), w in zip(stats, targets, weights)]
-    return torch.stack(terms).sum()
+    if len(stats) != len(targets) or len(stats) != len(weights):
+        raise ValueError("feature statistics need one target and one weight per layer")
+    if not stats:
+        return weights.new_zeros(())
+    flat = torch.cat([t for pair in stats for t in pair])
+    target = torch.cat([t for pair in targets for t in pair])
+    sizes = [t.shape[-1] for pair in stats for t in pair]
+    norms = torch.linalg.vector_norm(_segments(flat - target, sizes), dim=-1)      # [2L]
+    return (weights * norms.view(-1, 2).sum(dim=-1)).sum()
 
 
 def feature_stats_weights(num_layers: int, first: float) -> Tensor:

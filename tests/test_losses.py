@@ -117,3 +117,95 @@ def test_gradcheck_terms_in_double_precision():
     assert torch.autograd.gradcheck(
         lambda t: losses.priming_loss([losses.embedding_mean(t[..., None, None])], [b[:, :3]], w),
         (tokens,))
+
+
+# -- the batched terms against their per-layer definitions ------------------------------------
+def _priming_per_tap(embeddings, stimulus, weights):
+    terms = [w * (1 - losses.jvs(z, v)) for z, v, w in zip(embeddings, stimulus, weights)]
+    return torch.stack(terms).mean(dim=0).mean()
+
+
+def _feature_per_layer(stats, targets, weights):
+    terms = [w * (torch.linalg.vector_norm(m - tm) + torch.linalg.vector_norm(v - tv))
+             for (m, v), (tm, tv), w in zip(stats, targets, weights)]
+    return torch.stack(terms).sum()
+
+
+def _values_and_grads(fn, inputs, *rest):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    value = fn(inputs, *rest)
+    return value.detach(), torch.autograd.grad(value, inputs)
+
+
+@pytest.mark.parametrize("stimulus_batch", [1, 3])
+def test_priming_loss_equals_the_per_tap_sum(stimulus_batch):
+    torch.manual_seed(0)
+    sizes = [24, 24, 48, 96, 192, 7]
+    z = [torch.rand(3, c) for c in sizes]
+    v = [torch.rand(stimulus_batch, c) for c in sizes]
+    w = losses.priming_weights(len(sizes), 1.0, 0.1)
+    fast, fast_grads = _values_and_grads(losses.priming_loss, z, v, w)
+    slow, slow_grads = _values_and_grads(_priming_per_tap, z, v, w)
+    assert torch.allclose(fast, slow, rtol=1e-6, atol=0)
+    for g, h in zip(fast_grads, slow_grads):
+        assert torch.allclose(g, h, rtol=1e-5, atol=1e-9)
+
+
+def test_feature_stats_loss_equals_the_per_layer_sum_and_handles_exact_matches():
+    torch.manual_seed(0)
+    sizes = [3, 64, 64, 128, 256, 512, 16]
+    stats = [(torch.randn(c), torch.rand(c)) for c in sizes]
+    targets = [(torch.randn(c), torch.rand(c)) for c in sizes]
+    targets[2] = (stats[2][0].clone(), stats[2][1].clone())  # a layer already matched: norm 0
+    w = losses.feature_stats_weights(len(sizes), 10.0)
+    flat = [t for pair in stats for t in pair]
+
+    def pairs(ts):
+        return [(ts[i], ts[i + 1]) for i in range(0, len(ts), 2)]
+
+    fast, fast_grads = _values_and_grads(
+        lambda ts, tg, ww: losses.feature_stats_loss(pairs(ts), tg, ww), flat, targets, w)
+    slow, slow_grads = _values_and_grads(
+        lambda ts, tg, ww: _feature_per_layer(pairs(ts), tg, ww), flat, targets, w)
+    assert torch.allclose(fast, slow, rtol=1e-6, atol=0)
+    for g, h in zip(fast_grads, slow_grads):
+        assert torch.isfinite(g).all()
+        assert torch.allclose(g, h, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_channel_stats_match_var_mean_in_value_and_gradient(layout):
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 4, 9, 9) * 3 + 1
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    g_mean, g_var = torch.randn(16), torch.randn(16)
+
+    def ours(inp):
+        mean, var = losses.channel_stats(inp[0], 1)
+        return torch.stack([mean, var]), (mean * g_mean).sum() + (var * g_var).sum()
+
+    def reference(inp):
+        var, mean = torch.var_mean(inp[0], dim=[0, 2, 3, 4], unbiased=False)
+        return torch.stack([mean, var]), (mean * g_mean).sum() + (var * g_var).sum()
+
+    results = []
+    for fn in (ours, reference):
+        inp = [x.detach().clone().requires_grad_(True)]
+        values, scalar = fn(inp)
+        results.append((values.detach(), torch.autograd.grad(scalar, inp)[0]))
+    (v1, g1), (v2, g2) = results
+    assert torch.allclose(v1, v2, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(g1, g2, rtol=1e-5, atol=1e-6)
+
+
+def test_means_give_the_autograd_gradient():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 4, 4, requires_grad=True)
+    g = torch.randn(2, 5)
+    h = torch.randn(2, 5, 3)
+    ours = torch.autograd.grad((losses.embedding_mean(x * 2) * g).sum()
+                               + (losses.frame_vectors(x * 2) * h).sum(), x)[0]
+    reference = torch.autograd.grad(((x * 2).mean(dim=(2, 3, 4)) * g).sum()
+                                    + ((x * 2).mean(dim=(3, 4)) * h).sum(), x)[0]
+    assert torch.allclose(ours, reference, rtol=1e-6, atol=1e-8)
