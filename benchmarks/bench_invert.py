@@ -77,7 +77,7 @@ def _setup(case: str, batch: int):
 
 
 def _inverter(spec, model, verifier, batch: int, warmup: int):
-    from leaps.invert import Inverter, InvertConfig
+    from leaps.invert import InvertConfig, Inverter
 
     config = InvertConfig(iterations=warmup, log_every=10**9, save_every=10**9,
                           samples=batch, device="cpu")

@@ -13,7 +13,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -161,8 +161,8 @@ class Inverter:
             per_target_flipped.append([e.mean(dim=0) for e in self.tap_recorder.collected()])
 
         def per_sample(groups: list[list[Tensor]]) -> list[Tensor]:
-            return [torch.stack([g[l] for g in groups]).repeat_interleave(samples, dim=0)
-                    for l in range(len(self.primed_taps))]
+            return [torch.stack([g[tap] for g in groups]).repeat_interleave(samples, dim=0)
+                    for tap in range(len(self.primed_taps))]
 
         margin = (torch.tensor(float(config.coherence_margin), device=self.device)
                   if config.coherence_margin is not None else
@@ -336,8 +336,9 @@ class Inverter:
             v_probs = self.verifier(resample(video, spec.frames, spec.size)).float().softmax(1)
             if len(self.verifier.labels) == len(self.model.labels) and \
                     tuple(self.verifier.labels) == tuple(self.model.labels):
-                result["verifier_top1"] = v_probs.argmax(dim=1).tolist()
-                result["verifier_accuracy"] = float((v_probs.argmax(dim=1) == self.y).float().mean())
+                v_top1 = v_probs.argmax(dim=1)
+                result["verifier_top1"] = v_top1.tolist()
+                result["verifier_accuracy"] = float((v_top1 == self.y).float().mean())
         return result
 
     def close(self) -> None:
@@ -568,8 +569,13 @@ class _progress:
 
     def __enter__(self) -> Callable[[int, dict[str, float]], None]:
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-                TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
             self.bar = Progress(TextColumn("leaps"), BarColumn(), MofNCompleteColumn(),
                                 TimeRemainingColumn(), TextColumn("{task.fields[terms]}"),

@@ -1,4 +1,4 @@
-"""The bundled demo zoo: shipped weights and stimuli that work offline, and reproducible training."""
+"""The bundled demo zoo: shipped weights and stimuli that work offline, reproducible training."""
 
 from __future__ import annotations
 
