@@ -173,20 +173,25 @@ def test_feature_stats_loss_equals_the_per_layer_sum_and_handles_exact_matches()
         assert torch.allclose(g, h, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "tokens"])
 def test_channel_stats_match_var_mean_in_value_and_gradient(layout):
+    """Both backward paths: channels on axis 1 (batch-norm kernel) and last (addcmul)."""
     torch.manual_seed(0)
     x = torch.randn(2, 16, 4, 9, 9) * 3 + 1
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last_3d)
+    if layout == "tokens":
+        x = x.flatten(2).transpose(1, 2).contiguous()  # [B, N, C]
+    channel_dim = -1 if layout == "tokens" else 1
+    dims = [d for d in range(x.dim()) if d != channel_dim % x.dim()]
     g_mean, g_var = torch.randn(16), torch.randn(16)
 
     def ours(inp):
-        mean, var = losses.channel_stats(inp[0], 1)
+        mean, var = losses.channel_stats(inp[0], channel_dim)
         return torch.stack([mean, var]), (mean * g_mean).sum() + (var * g_var).sum()
 
     def reference(inp):
-        var, mean = torch.var_mean(inp[0], dim=[0, 2, 3, 4], unbiased=False)
+        var, mean = torch.var_mean(inp[0], dim=dims, unbiased=False)
         return torch.stack([mean, var]), (mean * g_mean).sum() + (var * g_var).sum()
 
     results = []
