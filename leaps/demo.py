@@ -50,6 +50,8 @@ class TrainRecipe:
     validation_clips_per_class: int = 64
     stop_at: float = 0.98            # validation accuracy after which training stops
     seed: int = 0
+    warmup: float = 0.15             # fraction of the one-cycle schedule spent warming up
+    clip_grad: float | None = None   # clip the gradients' global norm to this (None: never)
 
 
 def demo_models() -> list[str]:
@@ -80,16 +82,20 @@ def accuracy_per_class(model: nn.Module, videos: Tensor, labels: Tensor, classes
 def train_epoch(model: nn.Module, videos: Tensor, labels: Tensor,
                 optimizer: torch.optim.Optimizer, batch_size: int = 32,
                 generator: torch.Generator | None = None,
-                schedule: torch.optim.lr_scheduler.LRScheduler | None = None) -> Tensor:
+                schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
+                clip_grad: float | None = None) -> Tensor:
     """One epoch of cross-entropy over shuffled batches (train mode); the mean loss, on device.
 
-    ``generator`` shuffles (default: torch's global one); ``schedule`` steps after each batch."""
+    ``generator`` shuffles (default: torch's global one); ``schedule`` steps after each batch;
+    ``clip_grad`` clips the gradients' global norm before each step."""
     model.train()
     losses = []
     for batch in torch.randperm(len(videos), generator=generator).split(batch_size):
         loss = nn.functional.cross_entropy(model(videos[batch]), labels[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if clip_grad is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         optimizer.step()
         if schedule is not None:
             schedule.step()
@@ -124,7 +130,7 @@ def train(model: str, recipe: TrainRecipe,
                                   weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch,
-        pct_start=0.15)
+        pct_start=recipe.warmup)
     order = torch.Generator().manual_seed(recipe.seed)
     start = time.perf_counter()
     per_class: list[float] = []
@@ -132,7 +138,7 @@ def train(model: str, recipe: TrainRecipe,
         videos, labels, _ = make_dataset(recipe.clips_per_class, spec.frames, spec.size,
                                          recipe.seed * 1000 + epoch, classes)
         loss = train_epoch(classifier, videos, labels, optimizer, recipe.batch_size, order,
-                           schedule)
+                           schedule, recipe.clip_grad)
         per_class = accuracy_per_class(classifier, validation[0], validation[1], len(classes))
         accuracy = sum(per_class) / len(per_class)
         if on_epoch is not None:
@@ -198,11 +204,18 @@ def write_stimuli(folder: Path, classes: Sequence[str], frames: int, size: int,
               help="Fresh training clips per class and epoch.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=TrainRecipe.lr,
               show_default=True, help="Peak learning rate (the training record keeps it).")
+@click.option("--warmup", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=TrainRecipe.warmup, show_default=True,
+              help="Fraction of the one-cycle learning-rate schedule spent warming up.")
+@click.option("--clip-grad", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Clip the gradients' global norm to this before each step [default: no "
+                   "clipping].")
 @click.option("--seed", type=int, default=TrainRecipe.seed, show_default=True)
 @click.option("--stimuli/--no-stimuli", default=True, show_default=True,
               help="Also write the stimulus videos.")
 def train_demo(models: tuple[str, ...], out: str, epochs: int, stop_at: float,
-               clips_per_class: int, lr: float, seed: int, stimuli: bool) -> None:
+               clips_per_class: int, lr: float, warmup: float, clip_grad: float | None, seed: int,
+               stimuli: bool) -> None:
     """Train the demo zoo on the synthetic motion dataset (reproducible from --seed)."""
     known = demo_models()
     chosen = list(models) or known
@@ -211,7 +224,7 @@ def train_demo(models: tuple[str, ...], out: str, epochs: int, stop_at: float,
         raise LeapsError(f"not a demo model: {', '.join(unknown)}; choose from "
                          f"{', '.join(known)}")
     recipe = TrainRecipe(epochs=epochs, clips_per_class=clips_per_class, lr=lr, stop_at=stop_at,
-                         seed=seed)
+                         seed=seed, warmup=warmup, clip_grad=clip_grad)
     folder = Path(out)
     for name in chosen:
         def report(epoch: int, loss: float, accuracy: float, name: str = name) -> None:
