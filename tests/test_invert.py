@@ -72,14 +72,16 @@ def test_inversion_reaches_the_target_and_writes_the_run(motion, tmp_path):
 
 
 def test_priming_pulls_tap_embeddings_toward_the_stimulus(motion):
-    """With priming on, the synthesized clip's tap embeddings end up closer to the stimulus."""
+    """With priming on, the synthesized clip's tap embeddings end up closer to the stimulus, at
+    every tap. (Weight 5, not 1: after 60 steps weight 1 moves the similarities by about 0.02,
+    which float rounding order can reverse; weight 5 by 0.04-0.27.)"""
     from leaps.losses import jvs
     from leaps.testing import capture_taps
     from leaps.video import read_clip
 
     stimulus = read_clip(motion["stimuli"]["down"], 8, 32)[None]
     similarity = {}
-    for weight in (0.0, 1.0):
+    for weight in (0.0, 5.0):
         result = invert(MODEL, targets=["down"], stimuli=[motion["stimuli"]["down"]],
                         checkpoint=motion["checkpoint"],
                         config=short(priming_weight=weight, iterations=60), progress=False)
@@ -87,9 +89,9 @@ def test_priming_pulls_tap_embeddings_toward_the_stimulus(motion):
         with torch.no_grad():
             _, synth, _ = capture_taps(model, result.video)
             _, real, _ = capture_taps(model, stimulus)
-        similarity[weight] = float(sum(jvs(s.mean(dim=(2, 3, 4)), r.mean(dim=(2, 3, 4)))
-                                       for s, r in zip(synth, real)))
-    assert similarity[1.0] > similarity[0.0], similarity
+        similarity[weight] = [float(jvs(s.mean(dim=(2, 3, 4)), r.mean(dim=(2, 3, 4))))
+                              for s, r in zip(synth, real)]
+    assert all(p > q for p, q in zip(similarity[5.0], similarity[0.0])), similarity
 
 
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(motion, tmp_path):
