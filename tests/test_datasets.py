@@ -41,7 +41,7 @@ def _classifier(in_channels: int) -> nn.Module:
                          nn.Linear(64, len(MOTION_CLASSES)))
 
 
-def _pair_accuracy(view, steps: int = 200) -> dict[tuple[str, str], float]:
+def _pair_accuracy(view, steps: int = 400) -> dict[tuple[str, str], float]:
     """Train a 2D CNN on ``view(videos) -> [N, K, C, H, W]`` (K images per clip, each with the
     clip's label; a clip's decision is its images' mean logits) and return, on held-out clips,
     the accuracy within each opposite pair (chance: 0.5)."""
@@ -82,8 +82,10 @@ def test_a_per_frame_classifier_cannot_tell_opposite_motions_apart():
     # 64 held-out clips per pair: chance is 0.5 with a standard error of ~0.06
     assert all(0.3 <= acc <= 0.7 for acc in per_frame.values()), per_frame
     all_frames = _pair_accuracy(lambda v: v.flatten(1, 2)[:, None])
-    # (measured: 1.0, 1.0, 0.77, 0.94 - rotation is the hardest from 200 steps)
-    assert all(acc >= 0.7 for acc in all_frames.values()), all_frames
+    # measured: 1.0, 1.0, 0.75-0.78, 0.98 on 1 and 2 threads (rotation is the hardest). With
+    # 200 steps grow/shrink was 0.66-0.94 depending on the thread count (float summation
+    # order), so both networks get 400; 0.65 is 2.4 standard errors above chance.
+    assert all(acc >= 0.65 for acc in all_frames.values()), all_frames
     assert sum(all_frames.values()) / len(all_frames) >= 0.85, all_frames
 
 
