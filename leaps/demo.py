@@ -207,7 +207,8 @@ def write_stimuli(folder: Path, classes: Sequence[str], frames: int, size: int,
 @click.option("--warmup", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               default=TrainRecipe.warmup, show_default=True,
               help="Fraction of the one-cycle learning-rate schedule spent warming up.")
-@click.option("--clip-grad", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--clip-grad", type=click.FloatRange(min=0, min_open=True),
+              default=TrainRecipe.clip_grad,
               help="Clip the gradients' global norm to this before each step [default: no "
                    "clipping].")
 @click.option("--seed", type=int, default=TrainRecipe.seed, show_default=True)

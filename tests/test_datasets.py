@@ -84,8 +84,8 @@ def test_a_per_frame_classifier_cannot_tell_opposite_motions_apart():
     all_frames = _pair_accuracy(lambda v: v.flatten(1, 2)[:, None])
     # measured: 1.0, 1.0, 0.75-0.78, 0.98 on 1 and 2 threads (rotation is the hardest). With
     # 200 steps grow/shrink was 0.66-0.94 depending on the thread count (float summation
-    # order), so both networks get 400; 0.65 is 2.4 standard errors above chance.
-    assert all(acc >= 0.65 for acc in all_frames.values()), all_frames
+    # order), so both networks get 400.
+    assert all(acc >= 0.7 for acc in all_frames.values()), all_frames
     assert sum(all_frames.values()) / len(all_frames) >= 0.85, all_frames
 
 
