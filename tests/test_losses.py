@@ -214,3 +214,15 @@ def test_means_give_the_autograd_gradient():
     reference = torch.autograd.grad(((x * 2).mean(dim=(2, 3, 4)) * g).sum()
                                     + ((x * 2).mean(dim=(3, 4)) * h).sum(), x)[0]
     assert torch.allclose(ours, reference, rtol=1e-6, atol=1e-8)
+
+
+def test_channel_stats_one_pass_variance_is_accurate_on_offset_activations():
+    """The CPU one-pass path (sums of x and x^2) against a float64 reference, on activations
+    whose mean is 8 standard deviations from zero (E[x^2] - mean^2 cancels 64:1)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 4, 20, 20) * 0.5 + 4.0
+    mean, var = losses.channel_stats(x, 1)
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=(0, 2, 3, 4), unbiased=False)
+    assert torch.allclose(mean.double(), ref_mean, rtol=1e-6)
+    assert torch.allclose(var.double(), ref_var, rtol=1e-4)
+    assert (losses.channel_stats(torch.full((2, 3, 2, 4, 4), 5.0), 1)[1] == 0).all()
