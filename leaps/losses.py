@@ -196,22 +196,12 @@ class _ChannelMoments(torch.autograd.Function):
         scale = grad_var * (2.0 / ctx.count)
         shift = torch.addcmul(grad_mean * (1.0 / ctx.count), scale, mean, value=-1.0)
         if ctx.dim == 1 and x.dim() > 1:
-            zeros, ones = _unit_stats(mean)
-            return torch.batch_norm(x, scale, shift, zeros, ones, False, 0.0, 0.0, False), None
+            zeros = torch.zeros_like(mean)
+            return torch.batch_norm(x, scale, shift, zeros, torch.ones_like(mean), False, 0.0,
+                                    0.0, False), None
         view = [1] * x.dim()
         view[ctx.dim] = -1
         return torch.addcmul(shift.view(view), x, scale.view(view)), None
-
-
-_UNIT_STATS: dict[tuple[int, torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
-
-
-def _unit_stats(like: Tensor) -> tuple[Tensor, Tensor]:
-    """Running mean 0 and variance 1 for ``batch_norm`` as an affine map (made once per size)."""
-    key = (like.numel(), like.dtype, like.device)
-    if key not in _UNIT_STATS:
-        _UNIT_STATS[key] = (like.new_zeros(like.numel()), like.new_ones(like.numel()))
-    return _UNIT_STATS[key]
 
 
 def channel_stats(x: Tensor, channel_dim: int) -> tuple[Tensor, Tensor]:
