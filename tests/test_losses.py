@@ -226,3 +226,76 @@ def test_channel_stats_one_pass_variance_is_accurate_on_offset_activations():
     assert torch.allclose(mean.double(), ref_mean, rtol=1e-6)
     assert torch.allclose(var.double(), ref_var, rtol=1e-4)
     assert (losses.channel_stats(torch.full((2, 3, 2, 4, 4), 5.0), 1)[1] == 0).all()
+
+
+# -- the fused BatchNorm + statistics path -----------------------------------------------------
+def _bn(channels: int = 6) -> torch.nn.BatchNorm3d:
+    torch.manual_seed(1)
+    bn = torch.nn.BatchNorm3d(channels)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-0.5, 0.5)
+    return bn.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_with_stats_equals_the_layer_and_channel_stats(affine):
+    """Output, statistics and the gradient of any mix of the three equal the layer's own
+    forward plus channel_stats through autograd (the path for every other norm layer)."""
+    bn = _bn()
+    if not affine:
+        bn.weight, bn.bias = None, None
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 3, 5, 5) * 2 + 0.5
+    g_y, g_mean, g_var = torch.randn(2, 6, 3, 5, 5), torch.randn(6), torch.randn(6)
+
+    def fused(inp):
+        return losses.batch_norm_with_stats(inp, bn.weight, bn.bias, bn.running_mean,
+                                            bn.running_var, bn.eps)
+
+    def reference(inp):
+        return (bn(inp), *losses.channel_stats(inp, 1))
+
+    for use in [(1, 1, 1), (1, 0, 0), (0, 1, 1), (0, 0, 1)]:
+        results = []
+        for fn in (fused, reference):
+            inp = x.clone().requires_grad_(True)
+            y, mean, var = fn(inp)
+            scalar = sum(w * (t * g).sum() for w, t, g in
+                         zip(use, (y, mean, var), (g_y, g_mean, g_var)) if w)
+            results.append(((y.detach(), mean.detach(), var.detach()),
+                            torch.autograd.grad(scalar, inp)[0]))
+        (values, grad), (ref_values, ref_grad) = results
+        for v, r in zip(values, ref_values):
+            assert torch.allclose(v, r, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(grad, ref_grad, rtol=1e-5, atol=1e-6), use
+
+
+def test_gradcheck_batch_norm_with_stats_in_double_precision():
+    bn = _bn(3).double()
+    x = torch.randn(2, 3, 2, 3, 3, dtype=torch.double, requires_grad=True)
+    target = (torch.zeros(3, dtype=torch.double), torch.ones(3, dtype=torch.double))
+
+    def fn(inp):
+        y, mean, var = losses.batch_norm_with_stats(inp, bn.weight, bn.bias, bn.running_mean,
+                                                    bn.running_var, bn.eps)
+        return y.sin().sum() + losses.feature_stats_loss(
+            [(mean, var)], [target], torch.tensor([2.0], dtype=torch.double))
+
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
+def test_batch_norm_with_stats_keeps_half_precision_activations():
+    """Under autocast (CUDA) activations are bfloat16: the output and the input's gradient keep
+    that dtype, the statistics are reduced in float32."""
+    bn = _bn()
+    x = (torch.randn(2, 6, 2, 4, 4) + 1).bfloat16().requires_grad_(True)
+    y, mean, var = losses.batch_norm_with_stats(x, bn.weight, bn.bias,
+                                                bn.running_mean, bn.running_var, bn.eps)
+    assert y.dtype == torch.bfloat16 and mean.dtype == var.dtype == torch.float32
+    ref_var, ref_mean = torch.var_mean(x.detach().double(), dim=(0, 2, 3, 4), unbiased=False)
+    assert torch.allclose(mean.double(), ref_mean, rtol=1e-4)
+    assert torch.allclose(var.double(), ref_var, rtol=1e-3)
+    (y.float().sum() + var.sum()).backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()

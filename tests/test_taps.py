@@ -1,0 +1,121 @@
+"""The hooks behind the LEAPS terms: norm-layer statistics through the fused BatchNorm path and
+through forward pre-hooks give the same values and gradients, and leave the model as it was."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from leaps import losses
+from leaps.adapter import NormLayer
+from leaps.taps import NormStatsRecorder
+
+
+class _OwnForwardBN(nn.BatchNorm3d):
+    """A BatchNorm subclass with a forward of its own (as some libraries ship)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 1.0
+
+
+def _net() -> tuple[nn.Module, list[NormLayer]]:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(),
+                        nn.Conv3d(4, 5, 3, padding=1), _OwnForwardBN(5), nn.ReLU(),
+                        nn.Conv3d(5, 6, 1), nn.BatchNorm3d(6, affine=False))
+    for module in net:
+        if isinstance(module, nn.BatchNorm3d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2)
+    net.eval().requires_grad_(False)
+    layers = [NormLayer(f"{i}", net[i], 1, net[i].running_mean, net[i].running_var)
+              for i in (1, 4, 7)]
+    return net, layers
+
+
+def _reference_stats(net: nn.Module, layers: list[NormLayer], x: torch.Tensor):
+    """Statistics read by plain pre-hooks and channel_stats (the generic path)."""
+    stats = [None] * len(layers)
+
+    def hook(i):
+        def record(_module, inputs):
+            stats[i] = losses.channel_stats(inputs[0], 1)
+        return record
+
+    handles = [layer.module.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        return net(x), stats
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _objective(out, stats, layers):
+    targets = [(layer.running_mean, layer.running_var) for layer in layers]
+    weights = losses.feature_stats_weights(len(layers), 10.0)
+    return out.square().mean() + losses.feature_stats_loss(stats, targets, weights)
+
+
+def test_fused_batch_norm_statistics_equal_the_hooked_ones_in_value_and_gradient():
+    net, layers = _net()
+    x = torch.rand(2, 3, 4, 6, 6)
+    results = []
+    for fused in (True, False):
+        inp = x.clone().requires_grad_(True)
+        if fused:
+            with NormStatsRecorder(layers) as recorder:
+                assert [("forward" in vars(layer.module)) for layer in layers] == [True, False,
+                                                                                   True]
+                out = net(inp)
+                stats = recorder.collected()
+        else:
+            out, stats = _reference_stats(net, layers, inp)
+        loss = _objective(out, stats, layers)
+        results.append((out.detach(), [t.detach() for pair in stats for t in pair], loss.detach(),
+                        torch.autograd.grad(loss, inp)[0]))
+    (out, stats, loss, grad), (ref_out, ref_stats, ref_loss, ref_grad) = results
+    assert torch.equal(out, ref_out)
+    for a, b in zip(stats, ref_stats):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(loss, ref_loss, rtol=1e-6)
+    assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-7)
+    assert not any("forward" in vars(layer.module) for layer in layers)  # restored on close
+
+
+def test_recorders_share_the_swapped_forward_and_an_unclosed_one_changes_nothing():
+    """Two open recorders read the same statistics; one left open (its statistics read once,
+    never reset) changes nothing for a later recorder; the last close restores the layer; a
+    layer in training mode keeps its own forward (batch statistics, running statistics
+    updated) and is read as it is."""
+    net, layers = _net()
+    x = torch.rand(2, 3, 4, 6, 6)
+
+    def run(recorder):
+        inp = x.clone().requires_grad_(True)
+        loss = _objective(net(inp), recorder.collected(), layers)
+        return loss.detach(), torch.autograd.grad(loss, inp)[0]
+
+    with NormStatsRecorder(layers) as alone:
+        expected = run(alone)
+    with NormStatsRecorder(layers) as first, NormStatsRecorder(layers) as second:
+        net(x)
+        for fused, a, b in zip((True, False, True), first.collected(), second.collected()):
+            assert (a[0] is b[0] and a[1] is b[1]) == fused
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert "forward" in vars(net[1])
+    assert "forward" not in vars(net[1])
+    left_open = NormStatsRecorder(layers)
+    net(x)
+    with NormStatsRecorder(layers) as later:
+        assert all(torch.equal(a, b) for a, b in zip(run(later), expected))
+    left_open.close()
+    assert "forward" not in vars(net[1])
+    net[1].train()
+    before = net[1].running_mean.clone()
+    with NormStatsRecorder(layers) as recorder:
+        out = net(x)
+        mean, var = recorder.collected()[0]
+    _, reference = _reference_stats(net.eval(), layers, x)
+    assert not torch.equal(net[1].running_mean, before)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(mean, reference[0][0], atol=1e-6)
