@@ -119,3 +119,26 @@ def test_recorders_share_the_swapped_forward_and_an_unclosed_one_changes_nothing
     assert not torch.equal(net[1].running_mean, before)
     assert torch.isfinite(out).all()
     assert torch.allclose(mean, reference[0][0], atol=1e-6)
+
+
+def test_fused_statistics_under_bfloat16_autocast():
+    """As on CUDA (bf16 autocast, here CPU's): the norm layers get bfloat16 activations; the
+    statistics stay float32 and the loss and input gradient match the float32 run closely."""
+    net, layers = _net()
+    x = torch.rand(2, 3, 4, 6, 6)
+    results, seen = [], []
+    net[1].register_forward_pre_hook(lambda _module, inputs: seen.append(inputs[0].dtype))
+    for enabled in (False, True):
+        inp = x.clone().requires_grad_(True)
+        with NormStatsRecorder(layers) as recorder:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+                out = net(inp)
+                stats = recorder.collected()
+            loss = _objective(out.float(), stats, layers)
+            grad = torch.autograd.grad(loss, inp)[0]
+        assert all(t.dtype == torch.float32 for pair in stats for t in pair)
+        results.append((loss.detach(), grad.float()))
+    assert seen == [torch.float32, torch.bfloat16]
+    (loss, grad), (loss_bf16, grad_bf16) = results
+    assert torch.allclose(loss_bf16, loss, rtol=0.02)
+    assert torch.corrcoef(torch.stack([grad.flatten(), grad_bf16.flatten()]))[0, 1] > 0.99
