@@ -42,6 +42,10 @@ class InvertConfig:
         "help": "R_feat weight of the verifier's first norm layer (the others weigh 1)."})
     jitter: float = field(default=0.125, metadata={
         "help": "Random spatial roll each step, up to this fraction of the crop size."})
+    jitter_end: float | None = field(default=None, metadata={
+        "help": "Roll jitter at the last step, linear from --jitter over the run (default: "
+                "the same, a constant jitter as the paper; 0 lets the end refine the clip "
+                "for the model itself, see docs/ablation)."})
     flip: str = field(default="auto", metadata={
         "help": "Horizontal flip each step: on, off, swap (flip and swap the target with its "
                 "mirror class), auto (swap where the label set declares mirrors, else on)."})
@@ -70,8 +74,20 @@ class InvertConfig:
             raise LeapsError(f"priming fraction must be in (0, 1], got {self.priming_fraction}")
         if self.samples < 1:
             raise LeapsError(f"samples must be >= 1, got {self.samples}")
+        for name in ("jitter", "jitter_end"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise LeapsError(f"{name.replace('_', ' ')} must be a fraction of the crop size "
+                                 f"in [0, 1), got {value}")
         if not 0 <= self.warmup < 1:
             raise LeapsError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
+
+    def jitter_pixels(self, step: int, size: int) -> int:
+        """The roll bound at ``step`` (0-based) on a ``size``-pixel crop: ``jitter`` at the first
+        step, linear to ``jitter_end`` at the last."""
+        end = self.jitter if self.jitter_end is None else self.jitter_end
+        fraction = self.jitter + (end - self.jitter) * step / max(1, self.iterations - 1)
+        return int(round(fraction * size))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InvertConfig:

@@ -261,7 +261,6 @@ class Inverter:
         pending: list[Tensor] = []
         good = (state.step, video.detach().clone(), copy.deepcopy(optimizer.state_dict()),
                 scheduler.state_dict(), rng.getstate())
-        shift = int(round(config.jitter * self.model.spec.size))
 
         def snapshot(step: int) -> InversionState:
             return InversionState(step, video.detach().clone(),
@@ -295,6 +294,7 @@ class Inverter:
         step = state.step
         try:
             while step < config.iterations:
+                shift = config.jitter_pixels(step, self.model.spec.size)
                 dx, dy = rng.randint(-shift, shift), rng.randint(-shift, shift)
                 flip = self.flip_mode != "off" and rng.random() < 0.5
                 view = torch.roll(video, shifts=(dy, dx), dims=(-2, -1))

@@ -99,7 +99,8 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(motion, tmp_path):
     from leaps.video import read_clips
 
     clips = [read_clips([motion["stimuli"]["left"]], 8, 32)]
-    config = short(iterations=30, log_every=5, save_every=5, lambda_1=1.0, lambda_L=0.2, r=1e-3)
+    config = short(iterations=30, log_every=5, save_every=5, lambda_1=1.0, lambda_L=0.2, r=1e-3,
+                   jitter=0.25, jitter_end=0.0)
     whole = Inverter(model, [0], clips, config, "self").run()
 
     def interrupt(step, _terms):
@@ -128,6 +129,17 @@ def test_nan_loss_stops_naming_the_term_and_keeps_the_last_good_state(motion, tm
     with pytest.raises(LeapsError, match="coherence"):
         inverter.run(on_save=saved.append)
     assert saved and saved[-1].step == 0 and torch.isfinite(saved[-1].video).all()
+
+
+def test_jitter_is_constant_or_linear_to_its_end_value():
+    constant = InvertConfig(iterations=5, jitter=0.125)
+    assert [constant.jitter_pixels(step, 32) for step in range(5)] == [4] * 5
+    annealed = InvertConfig(iterations=5, jitter=0.25, jitter_end=0.0)
+    assert [annealed.jitter_pixels(step, 32) for step in range(5)] == [8, 6, 4, 2, 0]
+    assert InvertConfig(iterations=1, jitter=0.25, jitter_end=0.0).jitter_pixels(0, 32) == 8
+    for bad in ({"jitter": -0.1}, {"jitter_end": 1.0}):
+        with pytest.raises(LeapsError, match="jitter"):
+            InvertConfig(**bad).validate()
 
 
 @pytest.mark.parametrize("kwargs, message", [
