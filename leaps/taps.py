@@ -6,13 +6,12 @@ beyond what autograd already keeps stays alive, and nothing leaves the device.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 from torch import Tensor, nn
 
 from leaps.adapter import NormLayer, Tap
-from leaps.losses import batch_norm_with_stats, channel_stats, embedding_mean, frame_vectors
+from leaps.losses import batch_norm_stats, channel_stats, embedding_mean, frame_vectors
 
 
 class _Hooks:
@@ -72,45 +71,40 @@ class TapRecorder(_Hooks):
 class NormStatsRecorder(_Hooks):
     """Records the per-channel mean/variance of each norm layer's input in a forward.
 
-    A plain inference-mode BatchNorm (``torch.nn.BatchNorm*d``, not a subclass with a forward of
-    its own, with running statistics and channels on axis 1) computes its output and the
-    statistics in one function whose backward writes the input's gradient once
-    (:func:`batch_norm_with_stats`): while any recorder is open on such a layer its ``forward``
-    is swapped for one that serves every open recorder waiting for statistics (a recorder left
-    unclosed and dropped stops counting). Any other norm layer (LayerNorm, subclasses, layers
-    whose forward something else replaced) gets a forward pre-hook that reads its input; so
-    does a BatchNorm in training mode or with a trainable affine, inside the swapped forward.
+    A forward hook reads each layer's input. On a plain inference-mode BatchNorm
+    (``torch.nn.BatchNorm*d`` itself, not a subclass with a forward of its own, in eval mode,
+    with running statistics, channels on axis 1 and a frozen affine) the hook also hands back
+    the layer's output re-attached through :func:`batch_norm_stats`, so that the input's
+    gradient from the layer and from the statistics is written once. Everything else (LayerNorm,
+    subclasses, a layer in training mode) keeps its output and gets :func:`channel_stats`.
+    A module that runs twice in one forward is read the first time.
     """
 
     def __init__(self, layers: list[NormLayer]) -> None:
         super().__init__()
         self.layers = layers
         self.stats: list[tuple[Tensor, Tensor] | None] = [None] * len(layers)
-        self._fused: list[nn.Module] = []
         for i, layer in enumerate(layers):
-            if _fusable(layer):
-                _fused_forward(layer.module).append((weakref.ref(self), i))
-                self._fused.append(layer.module)
-            else:
-                self._handles.append(layer.module.register_forward_pre_hook(self._hook(i, layer)))
-
-    def close(self) -> None:
-        super().close()
-        for module in self._fused:
-            readers = getattr(module, _READERS)
-            readers[:] = [(ref, i) for ref, i in readers if ref() not in (self, None)]
-            if not readers:
-                del module.forward
-                delattr(module, _READERS)
-        self._fused.clear()
+            self._handles.append(layer.module.register_forward_hook(self._hook(i, layer)))
 
     def reset(self) -> None:
         self.stats = [None] * len(self.layers)
 
     def _hook(self, index: int, layer: NormLayer) -> Any:
-        def hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
-            if self.stats[index] is None:
-                self.stats[index] = channel_stats(inputs[0], layer.channel_dim)
+        fusable = layer.channel_dim == 1 and _is_plain_batch_norm(layer.module)
+
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+            if self.stats[index] is not None:
+                return None
+            x = inputs[0]
+            if fusable and not module.training and not (
+                    module.weight is not None and module.weight.requires_grad):
+                output, mean, var = batch_norm_stats(x, output, module.weight,
+                                                     module.running_var, module.eps)
+                self.stats[index] = (mean, var)
+                return output
+            self.stats[index] = channel_stats(x, layer.channel_dim)
+            return None
         return hook
 
     def collected(self) -> list[tuple[Tensor, Tensor]]:
@@ -120,42 +114,9 @@ class NormStatsRecorder(_Hooks):
         return self.stats  # type: ignore[return-value]
 
 
-_READERS = "_leaps_norm_stats_readers"
-
-
-def _fusable(layer: NormLayer) -> bool:
-    module = layer.module
+def _is_plain_batch_norm(module: nn.Module) -> bool:
+    """torch's BatchNorm with running statistics, whose output is exactly the inference-mode
+    affine map of its input."""
     return (isinstance(module, nn.modules.batchnorm._BatchNorm)
             and type(module).forward is nn.modules.batchnorm._BatchNorm.forward
-            and ("forward" not in vars(module) or hasattr(module, _READERS))
-            and module.running_mean is not None and module.running_var is not None
-            and layer.channel_dim == 1)
-
-
-def _fused_forward(module: nn.Module) -> list[tuple[weakref.ref[NormStatsRecorder], int]]:
-    """Swap ``module.forward`` (once) for the fused BatchNorm; return its list of readers
-    (recorder, layer index), to which the caller adds itself."""
-    if hasattr(module, _READERS):
-        return getattr(module, _READERS)
-    readers: list[tuple[weakref.ref[NormStatsRecorder], int]] = []
-    plain = module.forward
-
-    def forward(x: Tensor) -> Tensor:
-        waiting = [(recorder, i) for ref, i in readers
-                   if (recorder := ref()) is not None and recorder.stats[i] is None]
-        if not waiting:                # a second call in one forward, or no recorder waiting
-            return plain(x)
-        if module.training or (module.weight is not None and module.weight.requires_grad):
-            stats = channel_stats(x, 1)              # batch statistics / affine gradients
-            y = plain(x)
-        else:
-            y, *stats = batch_norm_with_stats(x, module.weight, module.bias,
-                                              module.running_mean, module.running_var,
-                                              module.eps)
-        for recorder, i in waiting:
-            recorder.stats[i] = tuple(stats)
-        return y
-
-    module.forward = forward  # type: ignore[method-assign]
-    setattr(module, _READERS, readers)
-    return readers
+            and module.running_mean is not None and module.running_var is not None)
