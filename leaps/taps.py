@@ -97,8 +97,8 @@ class NormStatsRecorder(_Hooks):
             if self.stats[index] is not None:
                 return None
             x = inputs[0]
-            if fusable and not module.training and not (
-                    module.weight is not None and module.weight.requires_grad):
+            if fusable and not module.training and not any(
+                    p.requires_grad for p in module.parameters(recurse=False)):
                 output, mean, var = batch_norm_stats(x, output, module.weight,
                                                      module.running_var, module.eps)
                 self.stats[index] = (mean, var)

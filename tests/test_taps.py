@@ -154,3 +154,16 @@ def test_fused_output_can_be_modified_in_place():
     reference = _objective(reference_out, reference_stats, layers)
     assert torch.allclose(torch.autograd.grad(loss, inp)[0],
                           torch.autograd.grad(reference, inp)[0], rtol=1e-4, atol=1e-7)
+
+
+def test_a_trainable_bias_keeps_the_generic_path_and_gets_its_gradient():
+    """The fused function gives the layer's affine no gradient, so a layer with any trainable
+    parameter (here the bias alone) is read through channel_stats instead."""
+    net, layers = _net()
+    net[1].bias.requires_grad_(True)
+    with NormStatsRecorder(layers) as recorder:
+        out = net(torch.rand(2, 3, 4, 6, 6))
+        mean, _ = recorder.collected()[0]
+        assert not type(mean.grad_fn).__name__.startswith("_BatchNormMoments")
+        _objective(out, recorder.collected(), layers).backward()
+    assert net[1].bias.grad is not None and net[1].bias.grad.abs().sum() > 0
