@@ -208,9 +208,9 @@ def _config_options(command: Any) -> Any:
                                    "'registry' for the entry's official checkpoint.")
 @click.option("--labels", type=click.Path(dir_okay=False),
               help="Class names, one a line, for a model fine-tuned on other classes.")
-@click.option("--out", type=click.Path(file_okay=False),
+@click.option("--out", type=click.Path(),
               help="Run directory to create [default: runs/<time>-<model>].")
-@click.option("--resume", type=click.Path(file_okay=False, exists=True),
+@click.option("--resume", type=click.Path(),
               help="Continue an interrupted run from its directory (its options are reused).")
 @click.option("--reduced", is_flag=True, help="Build the models at their small test size.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -224,14 +224,18 @@ def invert(model: str | None, adapter: str | None, targets: tuple[str, ...],
     from leaps.config import InvertConfig
     from leaps.invert import invert as run_inversion
 
-    config = InvertConfig(**{k: v for k, v in options.items() if v is not None})
+    given = {k: v for k, v in options.items() if v is not None and v is not False}
+    if resume is not None and out is not None:
+        raise LeapsError("--out cannot be given with --resume: a resumed run stays in its "
+                         "directory; drop --out")
     if resume is None and out is None:
         out = str(runs.default_run_dir(model or adapter or "model"))
     try:
         result = run_inversion(model, adapter=adapter, targets=targets, stimuli=stimuli,
                                verifier=verifier, checkpoint=checkpoint, labels=labels,
-                               config=config, out=out, resume=resume, reduced=reduced,
-                               progress=not quiet)
+                               config=None if resume else InvertConfig(**given), out=out,
+                               resume=resume, reduced=reduced, progress=not quiet,
+                               changes=given if resume else None)
     except KeyboardInterrupt:
         where = resume or out
         click.echo(f"interrupted; the state is saved: continue with `leaps invert --resume "
@@ -245,7 +249,18 @@ def invert(model: str | None, adapter: str | None, targets: tuple[str, ...],
                f"{', '.join(dict.fromkeys(result.labels))}; {line}")
 
 
+def quiet_library_warnings() -> None:
+    """Hide warnings that libraries raise about their own internals and a user can do
+    nothing about: each matched by its message and the module that raises it, nothing else."""
+    import warnings
+
+    # pytorchvideo decorates functions with torch.jit.script at import; torch deprecates it.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                            category=FutureWarning, module=r"torch\.jit\._script")
+
+
 def main() -> None:
+    quiet_library_warnings()
     cli(prog_name="leaps")
 
 

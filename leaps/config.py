@@ -2,12 +2,57 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from leaps.errors import LeapsError
 
 FLIP_MODES = ("auto", "on", "off", "swap")
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval a numeric option must lie in (``None``: unbounded on that side);
+    ``integer`` options must also be whole numbers."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+
+    def holds(self, value: float) -> bool:
+        if self.integer and value != int(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        low, high = (int(b) if self.integer else f"{b:g}" for b in (self.low, self.high or 0))
+        if self.high is None:
+            return f"{kind} {'>' if self.low_open else '>='} {low}"
+        return (f"{kind} in {'(' if self.low_open else '['}{low}, {high}"
+                f"{')' if self.high_open else ']'}")
+
+
+_WEIGHT = Range(0.0)
+_FRACTION = Range(0.0, 1.0, high_open=True)
+# What ``--resume`` may change: how long the run goes on, how often it logs and saves, and
+# where it computes. Everything else would make it another run.
+MAY_CHANGE_ON_RESUME = ("iterations", "log_every", "save_every", "device")
+# The range of each numeric option (every numeric value must also be finite).
+RANGES: dict[str, Range] = {
+    "iterations": Range(1, integer=True), "lr": Range(0.0, low_open=True), "warmup": _FRACTION,
+    "lambda_1": _WEIGHT, "lambda_L": _WEIGHT, "r": _WEIGHT, "ce_weight": _WEIGHT,
+    "priming_weight": _WEIGHT, "coherence_weight": _WEIGHT, "feature_weight": _WEIGHT,
+    "priming_fraction": Range(0.0, 1.0, low_open=True), "coherence_margin": _WEIGHT,
+    "first_norm_weight": _WEIGHT, "jitter": _FRACTION, "jitter_end": _FRACTION,
+    "samples": Range(1, integer=True), "seed": Range(0, 2**63 - 1, integer=True),
+    "log_every": Range(1, integer=True), "save_every": Range(1, integer=True),
+}
 
 
 @dataclass
@@ -66,21 +111,48 @@ class InvertConfig:
                        r=r if self.r is None else self.r)
 
     def validate(self) -> None:
-        if self.iterations < 1:
-            raise LeapsError(f"iterations must be >= 1, got {self.iterations}")
+        """Every value finite and in its range (:data:`RANGES`); the message names the option
+        as the CLI spells it. Called before anything is built or written."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or isinstance(value, (bool, str)):
+                continue
+            option = "--" + f.name.replace("_", "-")
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise LeapsError(f"{option} must be a finite number, got {value!r}")
+            expected = RANGES.get(f.name)
+            if expected is not None and not expected.holds(value):
+                raise LeapsError(f"{option} must be {expected}, got {value!r}")
         if self.flip not in FLIP_MODES:
-            raise LeapsError(f"flip must be one of {', '.join(FLIP_MODES)}, got {self.flip!r}")
-        if not 0 < self.priming_fraction <= 1:
-            raise LeapsError(f"priming fraction must be in (0, 1], got {self.priming_fraction}")
-        if self.samples < 1:
-            raise LeapsError(f"samples must be >= 1, got {self.samples}")
-        for name in ("jitter", "jitter_end"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value < 1:
-                raise LeapsError(f"{name.replace('_', ' ')} must be a fraction of the crop size "
-                                 f"in [0, 1), got {value}")
-        if not 0 <= self.warmup < 1:
-            raise LeapsError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
+            raise LeapsError(f"--flip must be one of {', '.join(FLIP_MODES)}, got {self.flip!r}")
+
+    def resumed_with(self, changes: dict[str, Any], done: int
+                     ) -> tuple[InvertConfig, list[str]]:
+        """This (a saved run's) config with the option values given again on ``--resume``:
+        those of :data:`MAY_CHANGE_ON_RESUME` are applied (with a note each, to tell the user),
+        any other that differs is an error. ``done`` is the number of steps already run."""
+        updates, notes = {}, []
+        for name, value in changes.items():
+            old = getattr(self, name)
+            if value == old:
+                continue
+            option = "--" + name.replace("_", "-")
+            if name not in MAY_CHANGE_ON_RESUME:
+                raise LeapsError(
+                    f"{option} {value} conflicts with the run being resumed ({option} {old}); "
+                    f"--resume keeps the run's options except "
+                    f"{', '.join('--' + n.replace('_', '-') for n in MAY_CHANGE_ON_RESUME)}: "
+                    f"drop {option}, or start a new run with --out")
+            updates[name] = value
+            notes.append(f"resuming with {option} {value} (the run had {old})" + (
+                "; the learning-rate schedule is stretched to the new length"
+                if name == "iterations" else ""))
+        config = replace(self, **updates)
+        config.validate()
+        if config.iterations < done:
+            raise LeapsError(f"--iterations {config.iterations} is fewer than the {done} steps "
+                             "the run has done; give at least that many")
+        return config, notes
 
     def jitter_pixels(self, step: int, size: int) -> int:
         """The roll bound at ``step`` (0-based) on a ``size``-pixel crop: ``jitter`` at the first

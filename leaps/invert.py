@@ -432,17 +432,39 @@ def invert(model: str | None = None, *, adapter: str | None = None,
            labels: str | Path | None = None, config: InvertConfig | None = None,
            out: str | Path | None = None, resume: str | Path | None = None,
            reduced: bool = False, progress: bool = True,
-           on_warning: Callable[[str], None] = warn) -> InversionResult:
+           on_warning: Callable[[str], None] = warn,
+           changes: dict[str, Any] | None = None) -> InversionResult:
     """Synthesize clips of ``targets`` from a registry model, primed by stimulus videos.
 
     ``model``/``adapter`` pick the registry entry; ``verifier`` is a registry model, ``"self"``,
     ``"none"`` or None (the entry's default); ``checkpoint``/``labels`` load a fine-tuned model;
     ``out`` is the run directory (None: no files are written); ``resume`` continues an
-    interrupted run from its directory with the options it was started with; ``reduced`` builds
-    the models at their small test size. Everything is validated before any file is written.
+    interrupted run from its directory with the options it was started with (``changes``:
+    InvertConfig values given again; only :data:`~leaps.config.MAY_CHANGE_ON_RESUME` may
+    differ from the run's, and model, targets, stimuli ... given must equal the run's) and
+    finishes a run whose optimisation ended but whose outputs were not all written; ``reduced``
+    builds the models at their small test size. Random weights (an entry without a checkpoint)
+    are initialised from ``config.seed``. Everything is validated before any file is written;
+    the run directory is held by this process alone (a second writer gets an error).
     """
+    held: list[Any] = []  # the run directory's lock, released whatever happens
+    try:
+        return _invert(model, adapter, targets, stimuli, verifier, checkpoint, labels, config,
+                       out, resume, reduced, progress, on_warning, changes or {}, held)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _invert(model: str | None, adapter: str | None, targets: Sequence[str | int],
+            stimuli: Sequence[str | Path], verifier: str | None,
+            checkpoint: str | Path | None, labels: str | Path | None,
+            config: InvertConfig | None, out: str | Path | None, resume: str | Path | None,
+            reduced: bool, progress: bool, on_warning: Callable[[str], None],
+            changes: dict[str, Any], held: list[Any]) -> InversionResult:
     from leaps import runs
     from leaps.adapter import sha256_file
+    from leaps.files import WriteError
     from leaps.plugins import get_host
     from leaps.registry import build_model, load_registry, missing_requirements
     from leaps.video import read_clips
@@ -451,20 +473,34 @@ def invert(model: str | None = None, *, adapter: str | None = None,
     if resume is not None:
         run_dir: Path | None = Path(resume)
         saved = runs.read_run(run_dir)
+        held.append(runs.claim_run_dir(run_dir, new=False, on_warning=on_warning))
         state = runs.load_state(run_dir)
+        runs.check_resume_arguments(saved, model=model, adapter=adapter, targets=targets,
+                                    stimuli=stimuli, verifier=verifier, checkpoint=checkpoint,
+                                    labels=labels, reduced=reduced)
         model, adapter = saved["model"], None
         targets, groups = saved["targets"], saved["stimuli"]
         verifier, checkpoint, labels = saved["verifier"], saved["checkpoint"], saved["labels"]
         reduced = saved["reduced"]
-        config = InvertConfig.from_dict(saved["config"])
+        config, notes = InvertConfig.from_dict(saved["config"]).resumed_with(changes, state.step)
+        for note in notes:
+            on_warning(note)
+        if state.step >= config.iterations:
+            on_warning(f"the optimisation of {run_dir} finished ({state.step} steps); writing "
+                       "its outputs")
     else:
         run_dir = Path(out) if out is not None else None
         if not targets:
             raise LeapsError("name at least one target class (--target CLASS, or --target all)")
+        (config or InvertConfig()).validate()
+        if run_dir is not None:
+            runs.check_new_run_dir(run_dir)
         groups = group_stimuli(targets, stimuli) if stimuli else []
     registry = load_registry()
     spec = registry.resolve(model, adapter)
-    classifier = build_model(spec.name, checkpoint=checkpoint, labels=labels, reduced=reduced)
+    seed = (config or InvertConfig()).seed
+    classifier = _seeded(seed, lambda: build_model(spec.name, checkpoint=checkpoint,
+                                                   labels=labels, reduced=reduced))
     class_names = classifier.labels
     if state is None and list(targets) == ["all"] and "all" not in class_names:
         targets = list(class_names)
@@ -495,7 +531,7 @@ def invert(model: str | None = None, *, adapter: str | None = None,
         if reason:
             raise LeapsError(f"verifier {verifier_name!r} is not usable here: {reason}; pick "
                              "another with --verifier (or self/none)")
-        verifier_model = build_model(verifier_name, reduced=reduced)
+        verifier_model = _seeded(seed, lambda: build_model(verifier_name, reduced=reduced))
     config = (config or InvertConfig()).with_registry_defaults(
         spec.leaps.lambda_1, spec.leaps.lambda_L, spec.leaps.r)
     config.validate()
@@ -517,15 +553,37 @@ def invert(model: str | None = None, *, adapter: str | None = None,
         "primed_taps": [t.name for t in inverter.primed_taps],
         "input": {"frames": fs.frames, "size": fs.size},
         "versions": runs.library_versions(list(get_host().adapter(spec.adapter).requires)),
-        "device": str(inverter.device),
+        "device": str(inverter.device), "model_seed": seed,
     }
+    created = False
     if run_dir is not None and state is None:
-        runs.create_run_dir(run_dir)
-        runs.write_json(run_dir / runs.RUN_FILE, record)
+        created = not run_dir.exists()
+        held.append(runs.claim_run_dir(run_dir, new=True, on_warning=on_warning))
+        try:
+            runs.write_json(run_dir / runs.RUN_FILE, record)
+        except WriteError as exc:
+            runs.remove_new_run_dir(run_dir, created, held.pop())
+            raise exc.with_fix(f"nothing was kept ({run_dir} is removed); free space, or pass "
+                               "another --out") from None
 
     def on_save(snapshot: InversionState) -> None:
         if run_dir is not None:
             runs.save_state(run_dir, snapshot)
+
+    def write_failure(exc: WriteError, finished: bool) -> LeapsError:
+        """The one line for a refused write after the run directory holds a run."""
+        assert run_dir is not None
+        if finished:
+            return exc.with_fix(f"the finished optimisation is kept in {run_dir}: free space, "
+                                f"then `leaps invert --resume {run_dir}` writes the outputs")
+        if (run_dir / runs.STATE_FILE).is_file():
+            return exc.with_fix(f"the last saved state is kept: free space, then continue with "
+                                f"`leaps invert --resume {run_dir}`")
+        if created:
+            runs.remove_new_run_dir(run_dir, created, held.pop())
+            return exc.with_fix(f"nothing was saved yet ({run_dir} is removed); free space, or "
+                                "pass another --out")
+        return exc.with_fix("nothing was saved yet; free space and run again")
 
     per_sample = [class_names[i] for i in inverter.y.tolist()]
     elapsed = float(saved.get("elapsed_s") or 0.0) if state is not None else 0.0
@@ -539,6 +597,8 @@ def invert(model: str | None = None, *, adapter: str | None = None,
             record["elapsed_s"] = round(elapsed + time.perf_counter() - started, 3)
             runs.write_json(run_dir / runs.RUN_FILE, record)
         raise
+    except WriteError as exc:
+        raise write_failure(exc, finished=False) from None
     except LeapsError:
         if run_dir is not None:
             record["status"] = "diverged"
@@ -546,29 +606,52 @@ def invert(model: str | None = None, *, adapter: str | None = None,
         raise
     finally:
         inverter.close()
+    if run_dir is not None and (state is None or final.step != state.step):
+        # The finished optimisation is saved before any output: an error while writing them
+        # (a full disk) loses nothing, `--resume` then only writes them.
+        try:
+            runs.save_state(run_dir, final)
+        except WriteError as exc:
+            raise write_failure(exc, finished=False) from None
     metrics = inverter.evaluate(final.video)
     metrics["target_names"] = per_sample
     if run_dir is not None:
         record.update(status="done", steps=final.step, history=final.history, metrics=metrics,
                       elapsed_s=round(elapsed + time.perf_counter() - started, 3))
-        record["files"] = runs.write_outputs(run_dir, final.video,
-                                             [c[0] for c in clips],
-                                             per_sample, final.history)
-        runs.write_json(run_dir / runs.RUN_FILE, record)
+        try:
+            record["files"] = runs.write_outputs(
+                run_dir, final.video, [c[0] for c in clips], per_sample, final.history,
+                stimulus_labels=[class_names[i] for i in indices][:len(clips)])
+            runs.write_json(run_dir / runs.RUN_FILE, record)
+        except WriteError as exc:
+            raise write_failure(exc, finished=True) from None
+        # Only now, with every output written and run.json saying done, the state may go.
         (run_dir / runs.STATE_FILE).unlink(missing_ok=True)
     return InversionResult(final.video.detach().cpu(), inverter.y.tolist(), per_sample,
                            final.history, metrics, run_dir)
 
 
+def _seeded(seed: int, build: Callable[[], Any]) -> Any:
+    """``build()`` with torch's CPU generator seeded from ``seed`` (and restored after), so
+    random initial weights are the same for the same seed, and a resumed run rebuilds them."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
 class _progress:
-    """A rich progress bar showing the loss terms and the target probability."""
+    """A rich progress bar showing the loss terms and the target probability; without a
+    terminal (a log file, a pipe) plain lines instead, about one per 5% of the run."""
 
     def __init__(self, enabled: bool, total: int, start: int) -> None:
         self.enabled, self.total, self.start = enabled, total, start
         self.bar: Any = None
+        self.printed = start
+        self.began = time.perf_counter()
 
     def __enter__(self) -> Callable[[int, dict[str, float]], None]:
-        if self.enabled:
+        plain = self.enabled and not sys.stdout.isatty()
+        if self.enabled and not plain:
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -585,10 +668,15 @@ class _progress:
                                           terms="")
 
         def update(step: int, terms: dict[str, float]) -> None:
+            text = " ".join(f"{k}={v:.3g}" for k, v in terms.items() if k != "target_prob")
+            text = f"{text} p(target)={terms['target_prob']:.2f}"
             if self.bar is not None:
-                text = " ".join(f"{k}={v:.3g}" for k, v in terms.items() if k != "target_prob")
-                self.bar.update(self.task, completed=step,
-                                terms=f"{text} p(target)={terms['target_prob']:.2f}")
+                self.bar.update(self.task, completed=step, terms=text)
+            elif plain and (step - self.printed >= self.total / 20 or step >= self.total):
+                self.printed = step
+                rate = (time.perf_counter() - self.began) / max(1, step - self.start)
+                print(f"leaps {step}/{self.total} ({step / self.total:.0%}, "
+                      f"{rate * (self.total - step):.0f} s left) {text}", flush=True)
         return update
 
     def __exit__(self, *exc: object) -> None:

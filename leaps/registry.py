@@ -124,12 +124,16 @@ def merge_nested(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, A
 # -- label sets -------------------------------------------------------------------------
 def load_labels(labels: str | tuple[str, ...] | list[str], base: Path | None = None
                 ) -> tuple[str, ...]:
-    """A label set: a list, a bundled set name (``kinetics400``), or a text file, one a line."""
+    """A label set: a list, a bundled set name (``kinetics400``), or a text file, one a line.
+
+    Files are UTF-8; blank lines are skipped. A line that is not UTF-8, or a class name given
+    twice, is an error naming the file and the line numbers."""
     if isinstance(labels, (tuple, list)):
-        return tuple(labels)
+        return _unique_names([(str(name), i) for i, name in enumerate(labels, 1)],
+                             "the label list", "entries")
     bundled = resources.files("leaps") / "labels" / f"{labels}.txt"
     if bundled.is_file():
-        text = bundled.read_text(encoding="utf-8")
+        source, data = str(labels), bundled.read_bytes()
     else:
         path = Path(labels)
         if not path.is_absolute() and base is not None:
@@ -137,11 +141,39 @@ def load_labels(labels: str | tuple[str, ...] | list[str], base: Path | None = N
         if not path.is_file():
             raise LeapsError(f"label set {labels!r} is neither a bundled set "
                              f"({', '.join(bundled_label_sets())}) nor an existing file")
-        text = path.read_text(encoding="utf-8")
-    names = tuple(line.strip() for line in text.splitlines() if line.strip())
+        try:
+            source, data = str(labels), path.read_bytes()
+        except OSError as exc:
+            raise LeapsError(f"cannot read label file {labels}: {exc.strerror or exc}") from None
+    names = []
+    for number, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise LeapsError(
+                f"label file {source} line {number} is not UTF-8 (byte "
+                f"0x{raw[exc.start]:02x} at column {exc.start + 1}); save the file as UTF-8"
+            ) from None
+        if line:
+            names.append((line.removeprefix("\ufeff"), number))
     if not names:
         raise LeapsError(f"label file {labels} is empty; write one class name per line")
-    return names
+    return _unique_names(names, f"label file {source}", "lines")
+
+
+def _unique_names(names: list[tuple[str, int]], source: str, unit: str) -> tuple[str, ...]:
+    """The names, in order, if none repeats; else an error naming the repeats' positions."""
+    where: dict[str, list[int]] = {}
+    for name, number in names:
+        where.setdefault(name, []).append(number)
+    repeated = {name: numbers for name, numbers in where.items() if len(numbers) > 1}
+    if repeated:
+        listed = "; ".join(f"{name!r} on {unit} {', '.join(map(str, numbers))}"
+                           for name, numbers in list(repeated.items())[:3])
+        more = f" (and {len(repeated) - 3} more)" if len(repeated) > 3 else ""
+        raise LeapsError(f"{source} repeats class names: {listed}{more}; name each class "
+                         "once, in the order of the model's classifier outputs")
+    return tuple(name for name, _ in names)
 
 
 def bundled_label_sets() -> list[str]:

@@ -8,15 +8,18 @@
     stimulus_<j>_<class>.gif     the first stimulus of each target, as the model saw it
     grid.png (stimulus rows + samples x frames), loss.png
 
-Every file is written atomically (temp file + rename).
+Every file is written atomically (temp file + rename), through leaps.files (a refused write is
+one line naming the file); one process at a time writes a run directory (its lock file).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
 import re
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ import torch
 from torch import Tensor
 
 from leaps.errors import LeapsError
+from leaps.files import WriteError, check_output_dir, write_bytes, write_text
 from leaps.invert import TERMS, InversionState
 from leaps.video import atomic_path, save_tensor, write_gif, write_grid_png, write_mp4
 
@@ -32,6 +36,8 @@ RUN_FILE = "run.json"
 # The layout of run.json and the run directory; readers refuse other formats.
 RUN_FORMAT = 1
 STATE_FILE = "state.pt"
+# Held (flock) by the one process writing the run; it holds that process's pid.
+LOCK_FILE = ".lock"
 
 
 def library_versions(extra_modules: list[str] = ()) -> dict[str, str]:
@@ -54,8 +60,7 @@ def slug(text: str) -> str:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
@@ -69,27 +74,201 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         raise LeapsError(f"{path} is not valid JSON ({exc}); the run cannot be resumed") from None
 
 
-def create_run_dir(path: Path) -> Path:
-    """Create a new, empty run directory; never reuse an existing one silently."""
-    if path.is_file() or (path.is_dir() and any(path.iterdir())):
-        raise LeapsError(f"output directory {path} already exists; pass another --out, or "
-                         f"--resume {path} to continue that run")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def check_new_run_dir(path: Path) -> None:
+    """Before any work: ``path`` can become a new run directory (it does not exist or is an
+    empty folder, under a folder that can be written)."""
+    in_use = _holder(path)
+    if in_use is not None:
+        raise LeapsError(_in_use_message(path, in_use))
+    if path.is_dir() and any(path.iterdir()):
+        raise LeapsError(f"output directory {path} already exists and is not empty; "
+                         f"{_existing_hint(path)}")
+    check_output_dir(path)
+
+
+def _existing_hint(path: Path) -> str:
+    """What to do about an existing directory: resume only where it can be resumed."""
+    if (path / RUN_FILE).is_file() and (path / STATE_FILE).is_file():
+        return f"pass another --out, or `--resume {path}` to continue that run"
+    if (path / RUN_FILE).is_file():
+        return "it holds a run with no state to resume (finished, or stopped before its first " \
+               "save); pass another --out"
+    return "pass another --out (or a new or empty folder)"
+
+
+class RunLock:
+    """A run directory claimed by this process: an exclusive ``flock`` on its lock file, held
+    until :meth:`release` (or until the process dies, when the kernel drops it, so a crashed
+    run never blocks its ``--resume``). The file holds the owner's pid for the message other
+    writers get."""
+
+    def __init__(self, path: Path, handle: Any) -> None:
+        self.path, self.handle = path, handle
+
+    def release(self) -> None:
+        if self.handle is None:
+            return
+        # Unlink first, then unlock: a writer waiting on this inode sees it gone and retries.
+        (self.path / LOCK_FILE).unlink(missing_ok=True)
+        self.handle.close()
+        self.handle = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def claim_run_dir(path: Path, new: bool,
+                  on_warning: Callable[[str], None] | None = None) -> RunLock:
+    """Claim ``path`` for one writer: a second ``leaps invert`` on the same directory (a new
+    run, or a ``--resume``) gets a LeapsError naming the process that holds it.
+
+    ``new``: create the directory (or take an empty one) for a new run; it must not hold
+    anything else once claimed (two runs started at once: exactly one gets it). A lock file
+    left by a process that is gone (killed, crashed) is taken over, with a warning."""
+    import fcntl
+
+    if new:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise WriteError(path, error) from None
+    lock_path = path / LOCK_FILE
+    while True:
+        try:
+            handle = open(lock_path, "a+", encoding="utf-8")
+        except OSError as error:
+            raise WriteError(lock_path, error) from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            pid = handle.read().strip()
+            handle.close()
+            raise LeapsError(_in_use_message(path, int(pid) if pid.isdigit() else None)) \
+                from None
+        try:
+            same = os.fstat(handle.fileno()).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()  # the previous holder released (and unlinked) it meanwhile: retry
+    handle.seek(0)
+    previous = handle.read().strip()
+    if previous.isdigit() and int(previous) != os.getpid() and on_warning is not None:
+        on_warning(f"run directory {path} was locked by process {previous}, which is no longer "
+                   "running (killed or crashed); taking it over")
+    lock = RunLock(path, handle)
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+    except OSError as error:
+        lock.release()
+        raise WriteError(lock_path, error) from None
+    if new and any(p.name != LOCK_FILE for p in path.iterdir()):
+        lock.release()
+        raise LeapsError(f"output directory {path} already exists and is not empty; "
+                         f"{_existing_hint(path)}")
+    return lock
+
+
+def _holder(path: Path) -> int | None:
+    """The live process named by ``path``'s lock file, if any (a look only: the claim itself
+    is :func:`claim_run_dir`'s flock)."""
+    try:
+        pid = (path / LOCK_FILE).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    return int(pid)
+
+
+def _in_use_message(path: Path, pid: int | None) -> str:
+    holder = f"process {pid}" if pid is not None else "another process"
+    return (f"run directory {path} is in use by {holder}; wait for it to finish (or stop it), "
+            "or pass another --out")
+
+
+def remove_new_run_dir(path: Path, created: bool, lock: RunLock) -> None:
+    """Undo a new run that could not write anything worth keeping: its files (all of them are
+    this run's: the directory was new or empty) and the directory if this run created it."""
+    import shutil
+
+    lock.release()
+    if created:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
+# The options of `leaps invert` that name what a run is; `--resume` keeps the run's own.
+_RUN_IDENTITY = {"model": "--model", "adapter": "--adapter", "targets": "--target",
+                 "stimuli": "--stimulus", "verifier": "--verifier",
+                 "checkpoint": "--checkpoint", "labels": "--labels", "reduced": "--reduced"}
+
+
+def check_resume_arguments(saved: dict[str, Any], **given: Any) -> None:
+    """Refuse run-defining options given with ``--resume`` that differ from the run's (the
+    same value is accepted: it changes nothing)."""
+    for name, value in given.items():
+        if value is None or value is False or (isinstance(value, (list, tuple)) and not value):
+            continue
+        option = _RUN_IDENTITY[name]
+        if name == "targets":
+            same = [str(v) for v in value] == list(saved.get("targets") or [])
+            shown = " ".join(str(v) for v in value)
+            theirs = " ".join(saved.get("targets") or [])
+        elif name == "stimuli":
+            groups = saved.get("stimuli") or []
+            same = [str(v) for v in value] == [p for group in groups for p in group]
+            shown, theirs = " ".join(map(str, value)), " ".join(p for g in groups for p in g)
+        elif name == "adapter":
+            same = value == saved.get("adapter")
+            shown, theirs = value, saved.get("adapter")
+        else:
+            same = (str(value) if name != "reduced" else value) == saved.get(name)
+            shown, theirs = value, saved.get(name)
+        if not same:
+            raise LeapsError(f"{option} {shown} conflicts with the run being resumed ({option[2:]} "
+                             f"{theirs or 'not set'}): --resume continues a run with its own "
+                             f"model, targets and options; drop {option}, or start a new run "
+                             "with --out")
 
 
 def save_state(run_dir: Path, state: InversionState) -> None:
-    with atomic_path(run_dir / STATE_FILE) as tmp:
-        torch.save({"step": state.step, "video": state.video.detach().cpu(),
-                    "optimizer": _to_cpu(state.optimizer), "scheduler": state.scheduler,
-                    "rng": state.rng, "history": state.history}, tmp)
+    """Write the resumable state atomically. It is serialised in memory first, so a full disk
+    is a WriteError naming the file and the previous state.pt stays as it was."""
+    buffer = io.BytesIO()
+    torch.save({"step": state.step, "video": state.video.detach().cpu(),
+                "optimizer": _to_cpu(state.optimizer), "scheduler": state.scheduler,
+                "rng": state.rng, "history": state.history}, buffer)
+    write_bytes(run_dir / STATE_FILE, buffer.getvalue())
 
 
 def load_state(run_dir: Path) -> InversionState:
     path = run_dir / STATE_FILE
     if not path.is_file():
-        raise LeapsError(f"{run_dir} has no {STATE_FILE} to resume from (the run finished or "
-                         "never saved); start a new run")
+        if (run_dir / RUN_FILE).is_file() and read_run(run_dir).get("status") == "done":
+            raise LeapsError(f"run {run_dir} is finished: nothing to resume (its outputs are "
+                             "there); start a new run with another --out")
+        raise LeapsError(f"{run_dir} has no {STATE_FILE} to resume from (the run stopped before "
+                         "its first save); start a new run with another --out")
     data = torch.load(path, map_location="cpu", weights_only=True)
     rng = data["rng"]
     rng = (rng[0], tuple(rng[1]), rng[2])  # random.Random.setstate wants the inner tuple back
@@ -108,8 +287,12 @@ def _to_cpu(obj: Any) -> Any:
 
 
 def write_outputs(run_dir: Path, video: Tensor, stimuli: list[Tensor], labels: list[str],
-                  history: dict[str, list[float]]) -> list[str]:
-    """Write the synthesized clips (tensor, GIF, MP4), the frame grid and the loss curves."""
+                  history: dict[str, list[float]],
+                  stimulus_labels: list[str] | None = None) -> list[str]:
+    """Write the synthesized clips (tensor, GIF, MP4), the frame grid and the loss curves.
+
+    ``labels`` names each clip, ``stimulus_labels`` each stimulus (default: the distinct
+    ``labels`` in order)."""
     video = video.detach().cpu().float()
     written = ["video.pt"]
     save_tensor(video, run_dir / "video.pt")
@@ -118,7 +301,8 @@ def write_outputs(run_dir: Path, video: Tensor, stimuli: list[Tensor], labels: l
         write_gif(clip, run_dir / f"{stem}.gif")
         write_mp4(clip, run_dir / f"{stem}.mp4")
         written += [f"{stem}.gif", f"{stem}.mp4"]
-    stimulus_labels = list(dict.fromkeys(labels))[:len(stimuli)]
+    if stimulus_labels is None:
+        stimulus_labels = list(dict.fromkeys(labels))[:len(stimuli)]
     for j, (clip, label) in enumerate(zip(stimuli, stimulus_labels)):
         stem = f"stimulus_{j}_{slug(label)}"
         write_gif(clip.detach().cpu().float(), run_dir / f"{stem}.gif")
@@ -148,10 +332,12 @@ def write_loss_curves(history: dict[str, list[float]], path: Path) -> None:
         ax.set_title(term, fontsize=9)
         ax.set_xlabel("iteration", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
 
 
 def default_run_dir(model: str, root: str | os.PathLike[str] = "runs") -> Path:

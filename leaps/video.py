@@ -4,19 +4,18 @@ Reading turns a video file (decoded with PyAV) or a folder of frame images into 
 ``[3, T, H, W]`` clip in [0, 1]: ``T`` frames sampled uniformly over the whole clip, each
 resized (short side, antialiased bilinear) and centre-cropped to ``H = W = size``.
 
-Writing is atomic: every writer goes through :func:`atomic_path`, so an interrupted or failed
-write leaves the previous file (or no file) at the target, never a half-written one.
+Writing is atomic: every writer goes through :func:`leaps.files.atomic_path`, so an interrupted
+or failed write leaves the previous file (or no file) at the target, never a half-written one,
+and a refusal of the operating system (a full disk) is one line naming the file.
 """
 
 from __future__ import annotations
 
+import io
 import math
-import os
 import re
-import uuid
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from leaps.errors import LeapsError
+from leaps.files import atomic_path, write_bytes
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".gif")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -234,25 +234,6 @@ def _first_line(err: BaseException) -> str:
 # --------------------------------------------------------------------------------- writing
 
 
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
-
-    On an exception the temporary file is removed and ``path`` is left as it was. The temporary
-    name keeps ``path``'s extension, so writers that infer the format from it still work.
-    Missing parent folders are created.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.stem}.{uuid.uuid4().hex[:12]}.tmp{target.suffix}")
-    try:
-        yield temporary
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
 def _frames_uint8(video: Tensor) -> np.ndarray:
     """``[3, T, H, W]`` in [0, 1] -> uint8 ``[T, H, W, 3]``."""
     if video.dim() != 4 or video.shape[0] != 3:
@@ -360,10 +341,13 @@ def write_grid_png(rows: Sequence[Tensor], path: str | Path,
 
 
 def save_tensor(tensor: Tensor, path: str | Path) -> Path:
-    """``torch.save`` a detached CPU copy of ``tensor`` atomically."""
-    with atomic_path(path) as temporary:
-        torch.save(tensor.detach().cpu(), temporary)
-    return Path(path)
+    """``torch.save`` a detached CPU copy of ``tensor`` atomically.
+
+    It is serialised in memory first, so a full disk is an OSError of the write (a
+    :class:`~leaps.files.WriteError`), not torch's opaque error from inside its zip writer."""
+    buffer = io.BytesIO()
+    torch.save(tensor.detach().cpu(), buffer)
+    return write_bytes(path, buffer.getvalue())
 
 
 # --------------------------------------------------------------------------------- overlays
