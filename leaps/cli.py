@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import sys
 from typing import Any
 
@@ -182,8 +183,8 @@ def _config_options(command: Any) -> Any:
             command = click.option(flag, f.name, is_flag=True, default=default,
                                    help=helptext)(command)
             continue
-        kind: Any = {"iterations": int, "samples": int, "seed": int, "log_every": int,
-                     "save_every": int}.get(f.name, float)
+        kind: Any = {"iterations": int, "samples": int, "batch_size": int, "seed": int,
+                     "log_every": int, "save_every": int}.get(f.name, float)
         if f.name == "flip":
             kind = click.Choice(FLIP_MODES)
         elif f.name == "device":
@@ -241,6 +242,8 @@ def invert(model: str | None, adapter: str | None, targets: tuple[str, ...],
         click.echo(f"interrupted; the state is saved: continue with `leaps invert --resume "
                    f"{where}`", err=True)
         raise SystemExit(130) from None
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return  # under torchrun rank 0 reports the run
     metrics = result.metrics
     line = (f"model top-1 {metrics['model_accuracy']:.0%}"
             + (f", verifier top-1 {metrics['verifier_accuracy']:.0%}"

@@ -50,7 +50,8 @@ RANGES: dict[str, Range] = {
     "priming_weight": _WEIGHT, "coherence_weight": _WEIGHT, "feature_weight": _WEIGHT,
     "priming_fraction": Range(0.0, 1.0, low_open=True), "coherence_margin": _WEIGHT,
     "first_norm_weight": _WEIGHT, "jitter": _FRACTION, "jitter_end": _FRACTION,
-    "samples": Range(1, integer=True), "seed": Range(0, 2**63 - 1, integer=True),
+    "samples": Range(1, integer=True), "batch_size": Range(1, integer=True),
+    "seed": Range(0, 2**63 - 1, integer=True),
     "log_every": Range(1, integer=True), "save_every": Range(1, integer=True),
 }
 
@@ -95,6 +96,10 @@ class InvertConfig:
         "help": "Horizontal flip each step: on, off, swap (flip and swap the target with its "
                 "mirror class), auto (swap where the label set declares mirrors, else on)."})
     samples: int = field(default=1, metadata={"help": "Clips synthesized per target."})
+    batch_size: int = field(default=8, metadata={
+        "help": "Clips optimised together: the run's clips (targets x samples) are cut into "
+                "batches of this many, each a unit of work with its own resumable state "
+                "(shared out among the processes under torchrun)."})
     seed: int = field(default=0, metadata={"help": "Seed of the initial noise and the jitter."})
     log_every: int = field(default=25, metadata={
         "help": "Steps between loss logs (the only host synchronisation in the loop)."})

@@ -191,10 +191,19 @@ class Inverter:
         self.verifier(clips)  # type: ignore[misc]
         return [(m.detach(), v.detach()) for m, v in self.norm_recorder.collected()]
 
-    def initial_state(self) -> InversionState:
-        generator = torch.Generator().manual_seed(self.config.seed)
+    def initial_state(self, clip_seeds: Sequence[int] | None = None) -> InversionState:
+        """The state before the first step. ``clip_seeds`` (one per clip) draws each clip's
+        initial noise from its own seed, so it does not depend on the batch it is in; by
+        default all of it comes from ``config.seed``."""
         spec = self.model.spec
-        video = torch.rand((len(self.y), *spec.shape), generator=generator).to(self.device)
+        if clip_seeds is None:
+            generator = torch.Generator().manual_seed(self.config.seed)
+            video = torch.rand((len(self.y), *spec.shape), generator=generator)
+        else:
+            video = torch.cat([torch.rand((1, *spec.shape),
+                                          generator=torch.Generator().manual_seed(seed))
+                               for seed in clip_seeds])
+        video = video.to(self.device)
         optimizer, scheduler = self._optimizer(video)
         return InversionState(0, video, optimizer.state_dict(), scheduler.state_dict(),
                               random.Random(self.config.seed).getstate(),
@@ -446,35 +455,270 @@ def invert(model: str | None = None, *, adapter: str | None = None,
     builds the models at their small test size. Random weights (an entry without a checkpoint)
     are initialised from ``config.seed``. Everything is validated before any file is written;
     the run directory is held by this process alone (a second writer gets an error).
+
+    The clips are optimised in batches of ``config.batch_size`` (:mod:`leaps.batches`), each
+    with its own resumable state; under torchrun every process runs its share of the batches
+    and rank 0 writes the merged outputs, the same as one process would.
     """
+    from leaps.batches import Processes
+
     held: list[Any] = []  # the run directory's lock, released whatever happens
+    processes = Processes.from_environment()
     try:
-        return _invert(model, adapter, targets, stimuli, verifier, checkpoint, labels, config,
-                       out, resume, reduced, progress, on_warning, changes or {}, held)
+        run = prepare_run(model, adapter=adapter, targets=targets, stimuli=stimuli,
+                          verifier=verifier, checkpoint=checkpoint, labels=labels,
+                          config=config, out=out, resume=resume, reduced=reduced,
+                          on_warning=on_warning, changes=changes or {},
+                          processes=processes, held=held)
+        todo = processes.broadcast([b for b in run.batches if not run.is_done(b)])
+        run.work(processes.share(todo), progress)
+        processes.barrier()
+        return run.finish()
     finally:
         for lock in held:
             lock.release()
+        processes.close()
 
 
-def _invert(model: str | None, adapter: str | None, targets: Sequence[str | int],
-            stimuli: Sequence[str | Path], verifier: str | None,
-            checkpoint: str | Path | None, labels: str | Path | None,
-            config: InvertConfig | None, out: str | Path | None, resume: str | Path | None,
-            reduced: bool, progress: bool, on_warning: Callable[[str], None],
-            changes: dict[str, Any], held: list[Any]) -> InversionResult:
+@dataclass
+class PreparedRun:
+    """One inversion, validated and built, its batches planned (by :func:`prepare_run`):
+    :meth:`work` runs batches, :meth:`finish` merges them and (rank 0) writes the outputs."""
+
+    classifier: VideoClassifier
+    verifier_model: VideoClassifier | str | None
+    config: InvertConfig
+    indices: list[int]             # class index of each target
+    class_names: list[str]
+    groups: list[list[str]]        # stimulus paths of each target
+    clips: list[Tensor]            # stimulus clips of each target
+    mirrors: list[tuple[str, str]]
+    record: dict[str, Any]         # run.json
+    run_dir: Path | None
+    created: bool                  # this run created run_dir
+    held: list[Any]                # the run directory's lock (rank 0)
+    batches: list[Any]
+    files: Any                     # BatchFiles, None without a run directory
+    processes: Any
+    on_warning: Callable[[str], None]
+    results: dict[int, dict[str, Any]] = field(default_factory=dict)  # batches run here
+
+    def is_done(self, batch: Any) -> bool:
+        return batch.index in self.results or (
+            self.files is not None and self.files.done_path(batch).is_file())
+
+    def inverter(self, batch: Any) -> Inverter:
+        """The Inverter of one batch: its clips' targets (one sample each) and stimuli, its
+        own jitter seed, this rank's device."""
+        from dataclasses import replace
+
+        from leaps.batches import batch_seed
+
+        config = replace(self.config, samples=1, seed=batch_seed(self.config.seed, batch.index),
+                         device=self.processes.device(self.config.device))
+        return Inverter(self.classifier, [self.indices[t] for t, _ in batch.clips],
+                        [self.clips[t] for t, _ in batch.clips] if self.clips else [],
+                        config, self.verifier_model, self.mirrors)
+
+    def work(self, batches: Sequence[Any], progress: bool) -> None:
+        """Run ``batches`` (this process's share) one after the other."""
+        for number, batch in enumerate(batches, 1):
+            if self.is_done(batch):
+                continue
+            label = " ".join(filter(None, [
+                "leaps", self.processes.label,
+                f"{self.record['model']} batch {batch.index + 1}/{len(self.batches)}"
+                if len(self.batches) > 1 else ""]))
+            self.run_batch(batch, progress, label)
+
+    def run_batch(self, batch: Any, progress: bool, label: str = "leaps") -> None:
+        from leaps.batches import clip_seed, who
+        from leaps.files import WriteError
+
+        run_dir, files = self.run_dir, self.files
+        inverter = self.inverter(batch)
+        state = files.load_state(batch) if files is not None else None
+        if state is None:
+            check_stimulus_predictions(
+                inverter, [self.groups[t] if s == 0 and self.groups else []
+                           for t, s in batch.clips], self.on_warning)
+            state = inverter.initial_state(
+                [clip_seed(self.config.seed, self.indices[t], s) for t, s in batch.clips])
+
+        def on_save(snapshot: InversionState) -> None:
+            if files is not None:
+                files.save_state(batch, snapshot)
+
+        started = time.perf_counter()
+        try:
+            with _progress(progress, self.config.iterations, state.step, label,
+                           plain=self.processes.world > 1) as update:
+                final = inverter.run(state, on_log=update, on_save=on_save)
+            metrics = inverter.evaluate(final.video)
+        except KeyboardInterrupt:
+            self._set_status("interrupted")
+            raise
+        except WriteError as exc:
+            raise self.write_failure(exc, finished=False) from None
+        except LeapsError:
+            self._set_status("diverged")
+            raise
+        finally:
+            inverter.close()
+        result = {"index": batch.index, "clips": [list(c) for c in batch.clips],
+                  "video": final.video.detach().cpu(), "steps": final.step,
+                  "history": final.history, "metrics": metrics,
+                  "elapsed_s": round(time.perf_counter() - started, 3),
+                  "rank": self.processes.rank, "world_size": self.processes.world,
+                  "device": str(inverter.device), **who()}
+        if files is not None:
+            assert run_dir is not None
+            try:
+                files.finish(batch, result)
+            except WriteError as exc:
+                raise self.write_failure(exc, finished=False) from None
+        self.results[batch.index] = result
+
+    def _set_status(self, status: str) -> None:
+        if self.run_dir is not None and self.processes.rank == 0:
+            from leaps import runs
+
+            self.record["status"] = status
+            runs.write_json(self.run_dir / runs.RUN_FILE, self.record)
+
+    def write_failure(self, exc: Any, finished: bool) -> LeapsError:
+        """The one line for a refused write after the run directory holds a run."""
+        from leaps import runs
+
+        run_dir = self.run_dir
+        assert run_dir is not None
+        if finished:
+            return exc.with_fix(f"the finished optimisation is kept in {run_dir}: free space, "
+                                f"then `leaps invert --resume {run_dir}` writes the outputs")
+        if self.files.saved():
+            return exc.with_fix(f"the last saved state is kept: free space, then continue with "
+                                f"`leaps invert --resume {run_dir}`")
+        if self.created and self.held and self.processes.world == 1:
+            runs.remove_new_run_dir(run_dir, self.created, self.held.pop())
+            return exc.with_fix(f"nothing was saved yet ({run_dir} is removed); free space, or "
+                                "pass another --out")
+        return exc.with_fix("nothing was saved yet; free space and run again")
+
+    def collect(self) -> dict[int, dict[str, Any]]:
+        """Every batch's result: from the run directory's files, or (no directory) gathered
+        from the processes that ran them."""
+        if self.files is None:
+            merged: dict[int, dict[str, Any]] = {}
+            for part in self.processes.gather(self.results):
+                merged.update(part)
+            return self.processes.broadcast(merged)
+        results = {}
+        for batch in self.batches:
+            result = self.results.get(batch.index) or self.files.result(batch)
+            if result is None:
+                raise LeapsError(f"batch {batch.index} of {self.run_dir} has no result after all "
+                                 "processes finished (a process died?); continue with "
+                                 f"`leaps invert --resume {self.run_dir}`")
+            results[batch.index] = result
+        return results
+
+    def finish(self) -> InversionResult:
+        """Merge the batches in clip order; rank 0 writes video.pt, the GIFs/MP4s, grid.png,
+        loss.png and run.json (with who ran which batch), then drops the batch files."""
+        from leaps import runs
+        from leaps.files import WriteError
+
+        results = self.collect()
+        ordered = [results[b.index] for b in self.batches]
+        video = torch.cat([r["video"] for r in ordered])
+        history = merge_histories([(r["history"], len(r["clips"])) for r in ordered])
+        metrics = merge_metrics([r["metrics"] for r in ordered])
+        per_sample = [self.class_names[self.indices[t]] for b in self.batches for t, _ in b.clips]
+        metrics["target_names"] = per_sample
+        steps = max(int(r["steps"]) for r in ordered)
+        run_dir = self.run_dir
+        if run_dir is not None and self.processes.rank == 0:
+            self.record.update(
+                status="done", steps=steps, history=history, metrics=metrics,
+                elapsed_s=round(sum(float(r["elapsed_s"]) for r in ordered), 3),
+                world_size=self.processes.world,
+                batches=[{k: r[k] for k in ("index", "clips", "rank", "world_size", "host",
+                                            "pid", "device", "steps", "elapsed_s")}
+                         for r in ordered])
+            try:
+                self.record["files"] = runs.write_outputs(
+                    run_dir, video, [c[0] for c in self.clips], per_sample, history,
+                    stimulus_labels=[self.class_names[i] for i in self.indices][:len(self.clips)])
+                runs.write_json(run_dir / runs.RUN_FILE, self.record)
+            except WriteError as exc:
+                raise self.write_failure(exc, finished=True) from None
+            # Only now, with every output written and run.json saying done, the batches go.
+            self.files.remove()
+        y = [self.indices[t] for b in self.batches for t, _ in b.clips]
+        return InversionResult(video, y, per_sample, history, metrics, run_dir)
+
+
+def merge_histories(parts: Sequence[tuple[dict[str, list[float]], int]]
+                    ) -> dict[str, list[float]]:
+    """The run's loss history: per step, the clip-weighted mean of its batches' values (one
+    batch: its own history)."""
+    merged: dict[str, list[float]] = {}
+    for term in TERMS:
+        length = max((len(h.get(term, [])) for h, _ in parts), default=0)
+        column = []
+        for step in range(length):
+            pairs = [(h[term][step], n) for h, n in parts if len(h.get(term, [])) > step]
+            column.append(sum(v * n for v, n in pairs) / sum(n for _, n in pairs))
+        merged[term] = column
+    return merged
+
+
+def merge_metrics(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The batches' per-clip metrics concatenated in clip order, accuracies over all clips."""
+    merged: dict[str, Any] = {}
+    for key in ("target_prob", "model_top1", "verifier_top1"):
+        if all(key in p for p in parts):
+            merged[key] = [v for p in parts for v in p[key]]
+    for key, per_clip in (("model_accuracy", "model_top1"),
+                          ("verifier_accuracy", "verifier_top1")):
+        if all(key in p for p in parts):
+            counts = [len(p[per_clip]) for p in parts]
+            merged[key] = sum(p[key] * n for p, n in zip(parts, counts)) / sum(counts)
+    return merged
+
+
+def prepare_run(model: str | None = None, *, adapter: str | None = None,
+                targets: Sequence[str | int] = (), stimuli: Sequence[str | Path] = (),
+                verifier: str | None = None, checkpoint: str | Path | None = None,
+                labels: str | Path | None = None, config: InvertConfig | None = None,
+                out: str | Path | None = None, resume: str | Path | None = None,
+                reduced: bool = False, on_warning: Callable[[str], None] = warn,
+                changes: dict[str, Any] | None = None, processes: Any = None,
+                held: list[Any] | None = None) -> PreparedRun:
+    """Validate, build the models, plan the batches and (rank 0) claim the run directory and
+    write run.json: everything :func:`invert` does before the optimisation. The run
+    directory's lock is appended to ``held`` (the caller releases it)."""
     from leaps import runs
     from leaps.adapter import sha256_file
+    from leaps.batches import BatchFiles, Processes, on_rank0, plan_batches
     from leaps.files import WriteError
     from leaps.plugins import get_host
     from leaps.registry import build_model, load_registry, missing_requirements
     from leaps.video import read_clips
 
-    state: InversionState | None = None
-    if resume is not None:
+    processes = processes or Processes()
+    held = held if held is not None else []
+    changes = changes or {}
+    rank0 = processes.rank == 0
+    resuming = resume is not None
+    if resuming:
         run_dir: Path | None = Path(resume)
         saved = runs.read_run(run_dir)
-        held.append(runs.claim_run_dir(run_dir, new=False, on_warning=on_warning))
-        state = runs.load_state(run_dir)
+        if saved.get("status") == "done":
+            raise LeapsError(f"run {run_dir} is finished: nothing to resume (its outputs are "
+                             "there); start a new run with another --out")
+        if rank0:
+            held.append(runs.claim_run_dir(run_dir, new=False, on_warning=on_warning))
         runs.check_resume_arguments(saved, model=model, adapter=adapter, targets=targets,
                                     stimuli=stimuli, verifier=verifier, checkpoint=checkpoint,
                                     labels=labels, reduced=reduced)
@@ -482,18 +726,23 @@ def _invert(model: str | None, adapter: str | None, targets: Sequence[str | int]
         targets, groups = saved["targets"], saved["stimuli"]
         verifier, checkpoint, labels = saved["verifier"], saved["checkpoint"], saved["labels"]
         reduced = saved["reduced"]
-        config, notes = InvertConfig.from_dict(saved["config"]).resumed_with(changes, state.step)
-        for note in notes:
-            on_warning(note)
-        if state.step >= config.iterations:
-            on_warning(f"the optimisation of {run_dir} finished ({state.step} steps); writing "
-                       "its outputs")
+        config = InvertConfig.from_dict(saved["config"])
+        batch_files = BatchFiles(run_dir)
+        planned = plan_batches(len(saved["target_indices"]), config.samples, config.batch_size)
+        done = batch_files.steps_done(planned)
+        config, notes = config.resumed_with(changes, done)
+        if rank0:
+            for note in notes:
+                on_warning(note)
+            if planned and all(batch_files.done_path(b).is_file() for b in planned):
+                on_warning(f"the optimisation of {run_dir} finished ({done} steps); writing "
+                           "its outputs")
     else:
         run_dir = Path(out) if out is not None else None
         if not targets:
             raise LeapsError("name at least one target class (--target CLASS, or --target all)")
         (config or InvertConfig()).validate()
-        if run_dir is not None:
+        if run_dir is not None and rank0:
             runs.check_new_run_dir(run_dir)
         groups = group_stimuli(targets, stimuli) if stimuli else []
     registry = load_registry()
@@ -502,11 +751,11 @@ def _invert(model: str | None, adapter: str | None, targets: Sequence[str | int]
     classifier = _seeded(seed, lambda: build_model(spec.name, checkpoint=checkpoint,
                                                    labels=labels, reduced=reduced))
     class_names = classifier.labels
-    if state is None and list(targets) == ["all"] and "all" not in class_names:
+    if not resuming and list(targets) == ["all"] and "all" not in class_names:
         targets = list(class_names)
     indices = [resolve_target(t, class_names) for t in targets]
     priming = (config or InvertConfig()).priming_weight > 0
-    if state is None and not groups and priming:
+    if not resuming and not groups and priming:
         groups = [[str(p) for p in spec.stimulus_files(class_names[i])] for i in indices]
         missing = [class_names[i] for i, group in zip(indices, groups) if not group]
         if missing:
@@ -514,12 +763,13 @@ def _invert(model: str | None, adapter: str | None, targets: Sequence[str | int]
                              f"and {spec.name!r} ships none for {', '.join(missing)}: pass "
                              "--stimulus PATH (or --priming-weight 0 to invert without priming)")
     fs = classifier.spec
+
     def short(source: str | Path, count: int) -> None:
         on_warning(f"stimulus {source} has {count} frame(s), fewer than the model's "
                    f"{fs.frames}: its frames are repeated in order (stretched in time), not "
                    "looped")
 
-    clips = [read_clips(group, fs.frames, fs.size, short if state is None else None)
+    clips = [read_clips(group, fs.frames, fs.size, short if not resuming and rank0 else None)
              for group in groups]
     verifier_name = spec.verifier if verifier is None else verifier
     if verifier_name == "self":
@@ -536,10 +786,7 @@ def _invert(model: str | None, adapter: str | None, targets: Sequence[str | int]
         spec.leaps.lambda_1, spec.leaps.lambda_L, spec.leaps.r)
     config.validate()
     mirrors = [(a, b) for a, b in spec.mirrors if a in class_names and b in class_names]
-    inverter = Inverter(classifier, indices, clips, config, verifier_model, mirrors)
-    if state is None:
-        check_stimulus_predictions(inverter, groups, on_warning)
-
+    taps = classifier.taps
     record: dict[str, Any] = {
         "format": runs.RUN_FORMAT, "status": "running", "adapter": spec.adapter,
         "model": spec.name,
@@ -549,86 +796,44 @@ def _invert(model: str | None, adapter: str | None, targets: Sequence[str | int]
         "labels": str(labels) if labels else None, "verifier": verifier_name,
         "reduced": reduced, "targets": [str(t) for t in targets],
         "target_indices": indices, "target_names": [class_names[i] for i in indices],
-        "stimuli": groups, "config": asdict(config), "flip_mode": inverter.flip_mode,
-        "primed_taps": [t.name for t in inverter.primed_taps],
+        "stimuli": groups, "config": asdict(config),
+        "flip_mode": config.flip if config.flip != "auto" else ("swap" if mirrors else "on"),
+        "primed_taps": [t.name for t in
+                        taps[:max(1, math.ceil(config.priming_fraction * len(taps)))]],
         "input": {"frames": fs.frames, "size": fs.size},
         "versions": runs.library_versions(list(get_host().adapter(spec.adapter).requires)),
-        "device": str(inverter.device), "model_seed": seed,
+        "device": str(resolve_device(processes.device(config.device))), "model_seed": seed,
+        "world_size": processes.world,
     }
+    if resuming:
+        record = {**saved, **{k: record[k] for k in ("config", "versions", "device",
+                                                      "world_size")}, "status": "running"}
     created = False
-    if run_dir is not None and state is None:
-        created = not run_dir.exists()
+
+    def claim_new() -> bool:
+        assert run_dir is not None
+        new = not run_dir.exists()
         held.append(runs.claim_run_dir(run_dir, new=True, on_warning=on_warning))
         try:
             runs.write_json(run_dir / runs.RUN_FILE, record)
         except WriteError as exc:
-            runs.remove_new_run_dir(run_dir, created, held.pop())
+            runs.remove_new_run_dir(run_dir, new, held.pop())
             raise exc.with_fix(f"nothing was kept ({run_dir} is removed); free space, or pass "
                                "another --out") from None
+        return new
 
-    def on_save(snapshot: InversionState) -> None:
-        if run_dir is not None:
-            runs.save_state(run_dir, snapshot)
-
-    def write_failure(exc: WriteError, finished: bool) -> LeapsError:
-        """The one line for a refused write after the run directory holds a run."""
-        assert run_dir is not None
-        if finished:
-            return exc.with_fix(f"the finished optimisation is kept in {run_dir}: free space, "
-                                f"then `leaps invert --resume {run_dir}` writes the outputs")
-        if (run_dir / runs.STATE_FILE).is_file():
-            return exc.with_fix(f"the last saved state is kept: free space, then continue with "
-                                f"`leaps invert --resume {run_dir}`")
-        if created:
-            runs.remove_new_run_dir(run_dir, created, held.pop())
-            return exc.with_fix(f"nothing was saved yet ({run_dir} is removed); free space, or "
-                                "pass another --out")
-        return exc.with_fix("nothing was saved yet; free space and run again")
-
-    per_sample = [class_names[i] for i in inverter.y.tolist()]
-    elapsed = float(saved.get("elapsed_s") or 0.0) if state is not None else 0.0
-    started = time.perf_counter()
-    try:
-        with _progress(progress, config.iterations, state.step if state else 0) as update:
-            final = inverter.run(state, on_log=update, on_save=on_save)
-    except KeyboardInterrupt:
-        if run_dir is not None:
-            record["status"] = "interrupted"
-            record["elapsed_s"] = round(elapsed + time.perf_counter() - started, 3)
-            runs.write_json(run_dir / runs.RUN_FILE, record)
-        raise
-    except WriteError as exc:
-        raise write_failure(exc, finished=False) from None
-    except LeapsError:
-        if run_dir is not None:
-            record["status"] = "diverged"
-            runs.write_json(run_dir / runs.RUN_FILE, record)
-        raise
-    finally:
-        inverter.close()
-    if run_dir is not None and (state is None or final.step != state.step):
-        # The finished optimisation is saved before any output: an error while writing them
-        # (a full disk) loses nothing, `--resume` then only writes them.
-        try:
-            runs.save_state(run_dir, final)
-        except WriteError as exc:
-            raise write_failure(exc, finished=False) from None
-    metrics = inverter.evaluate(final.video)
-    metrics["target_names"] = per_sample
-    if run_dir is not None:
-        record.update(status="done", steps=final.step, history=final.history, metrics=metrics,
-                      elapsed_s=round(elapsed + time.perf_counter() - started, 3))
-        try:
-            record["files"] = runs.write_outputs(
-                run_dir, final.video, [c[0] for c in clips], per_sample, final.history,
-                stimulus_labels=[class_names[i] for i in indices][:len(clips)])
-            runs.write_json(run_dir / runs.RUN_FILE, record)
-        except WriteError as exc:
-            raise write_failure(exc, finished=True) from None
-        # Only now, with every output written and run.json saying done, the state may go.
-        (run_dir / runs.STATE_FILE).unlink(missing_ok=True)
-    return InversionResult(final.video.detach().cpu(), inverter.y.tolist(), per_sample,
-                           final.history, metrics, run_dir)
+    if run_dir is not None and not resuming:
+        created = bool(on_rank0(processes, claim_new))
+    elif run_dir is not None and rank0:
+        runs.write_json(run_dir / runs.RUN_FILE, record)
+    processes.barrier()
+    return PreparedRun(
+        classifier=classifier, verifier_model=verifier_model, config=config, indices=indices,
+        class_names=list(class_names), groups=groups, clips=clips, mirrors=mirrors,
+        record=record, run_dir=run_dir, created=created, held=held,
+        batches=plan_batches(len(indices), config.samples, config.batch_size),
+        files=BatchFiles(run_dir) if run_dir is not None else None, processes=processes,
+        on_warning=on_warning)
 
 
 def _seeded(seed: int, build: Callable[[], Any]) -> Any:
@@ -643,14 +848,16 @@ class _progress:
     """A rich progress bar showing the loss terms and the target probability; without a
     terminal (a log file, a pipe) plain lines instead, about one per 5% of the run."""
 
-    def __init__(self, enabled: bool, total: int, start: int) -> None:
+    def __init__(self, enabled: bool, total: int, start: int, label: str = "leaps",
+                 plain: bool = False) -> None:
         self.enabled, self.total, self.start = enabled, total, start
+        self.label, self.force_plain = label, plain
         self.bar: Any = None
         self.printed = start
         self.began = time.perf_counter()
 
     def __enter__(self) -> Callable[[int, dict[str, float]], None]:
-        plain = self.enabled and not sys.stdout.isatty()
+        plain = self.enabled and (self.force_plain or not sys.stdout.isatty())
         if self.enabled and not plain:
             from rich.progress import (
                 BarColumn,
@@ -660,7 +867,7 @@ class _progress:
                 TimeRemainingColumn,
             )
 
-            self.bar = Progress(TextColumn("leaps"), BarColumn(), MofNCompleteColumn(),
+            self.bar = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(),
                                 TimeRemainingColumn(), TextColumn("{task.fields[terms]}"),
                                 transient=False)
             self.bar.start()
@@ -675,7 +882,7 @@ class _progress:
             elif plain and (step - self.printed >= self.total / 20 or step >= self.total):
                 self.printed = step
                 rate = (time.perf_counter() - self.began) / max(1, step - self.start)
-                print(f"leaps {step}/{self.total} ({step / self.total:.0%}, "
+                print(f"{self.label} {step}/{self.total} ({step / self.total:.0%}, "
                       f"{rate * (self.total - step):.0f} s left) {text}", flush=True)
         return update
 

@@ -2,14 +2,16 @@
 
     run.json     adapter, model, checkpoint sha256, every option, seed, library versions,
                  stimuli, targets, loss history per term, final metrics, status
-    state.pt     the resumable optimisation state (while running / when interrupted)
+    batches/     each batch's resumable state and, once finished, its clips (leaps.batches);
+                 removed when the run's outputs are all written
     video.pt     the synthesized clips [B, 3, T, H, W] in [0, 1]
     sample_<i>_<class>.gif / .mp4, the synthesized clips
     stimulus_<j>_<class>.gif     the first stimulus of each target, as the model saw it
     grid.png (stimulus rows + samples x frames), loss.png
 
 Every file is written atomically (temp file + rename), through leaps.files (a refused write is
-one line naming the file); one process at a time writes a run directory (its lock file).
+one line naming the file); one process at a time writes a run directory (its lock file), or
+under torchrun one run (rank 0 holds the lock, every rank writes its own batches' files).
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ from leaps.video import atomic_path, save_tensor, write_gif, write_grid_png, wri
 RUN_FILE = "run.json"
 # The layout of run.json and the run directory; readers refuse other formats.
 RUN_FORMAT = 1
-STATE_FILE = "state.pt"
 # Held (flock) by the one process writing the run; it holds that process's pid.
 LOCK_FILE = ".lock"
 
@@ -88,11 +89,14 @@ def check_new_run_dir(path: Path) -> None:
 
 def _existing_hint(path: Path) -> str:
     """What to do about an existing directory: resume only where it can be resumed."""
-    if (path / RUN_FILE).is_file() and (path / STATE_FILE).is_file():
-        return f"pass another --out, or `--resume {path}` to continue that run"
     if (path / RUN_FILE).is_file():
-        return "it holds a run with no state to resume (finished, or stopped before its first " \
-               "save); pass another --out"
+        try:
+            finished = read_run(path).get("status") == "done"
+        except LeapsError:
+            return "it holds a damaged run.json; pass another --out"
+        if finished:
+            return "it holds a finished run; pass another --out"
+        return f"pass another --out, or `--resume {path}` to continue that run"
     return "pass another --out (or a new or empty folder)"
 
 
@@ -251,24 +255,17 @@ def check_resume_arguments(saved: dict[str, Any], **given: Any) -> None:
                              "with --out")
 
 
-def save_state(run_dir: Path, state: InversionState) -> None:
-    """Write the resumable state atomically. It is serialised in memory first, so a full disk
-    is a WriteError naming the file and the previous state.pt stays as it was."""
+def write_state(path: Path, state: InversionState) -> None:
+    """Write a resumable state atomically. It is serialised in memory first, so a full disk
+    is a WriteError naming the file and the previous state stays as it was."""
     buffer = io.BytesIO()
     torch.save({"step": state.step, "video": state.video.detach().cpu(),
                 "optimizer": _to_cpu(state.optimizer), "scheduler": state.scheduler,
                 "rng": state.rng, "history": state.history}, buffer)
-    write_bytes(run_dir / STATE_FILE, buffer.getvalue())
+    write_bytes(path, buffer.getvalue())
 
 
-def load_state(run_dir: Path) -> InversionState:
-    path = run_dir / STATE_FILE
-    if not path.is_file():
-        if (run_dir / RUN_FILE).is_file() and read_run(run_dir).get("status") == "done":
-            raise LeapsError(f"run {run_dir} is finished: nothing to resume (its outputs are "
-                             "there); start a new run with another --out")
-        raise LeapsError(f"{run_dir} has no {STATE_FILE} to resume from (the run stopped before "
-                         "its first save); start a new run with another --out")
+def read_state(path: Path) -> InversionState:
     data = torch.load(path, map_location="cpu", weights_only=True)
     rng = data["rng"]
     rng = (rng[0], tuple(rng[1]), rng[2])  # random.Random.setstate wants the inner tuple back

@@ -23,6 +23,9 @@ UNTARGETED = ["invert", "--model", "demo.resnet3d", "--verifier", "self", "--ite
               "--log-every", "2", "--save-every", "2", "--quiet"]
 DEMO = [*UNTARGETED, "--target", "right"]
 
+# The resumable state of a run of one batch (leaps.batches).
+BATCH_STATE = Path("batches", "batch_0000.state.pt")
+
 
 def leaps(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "leaps.cli", *map(str, args)],
@@ -104,7 +107,7 @@ def test_two_runs_into_one_out_at_once_exactly_one_runs(tmp_path):
     assert record["status"] == "done"
     assert sorted(p.name for p in out.glob("sample_*.gif")) == [
         f"sample_0_{record['target_names'][0]}.gif"]
-    assert not (out / runs.LOCK_FILE).exists() and not (out / runs.STATE_FILE).exists()
+    assert not (out / runs.LOCK_FILE).exists() and not (out / "batches").exists()
 
 
 def test_a_second_writer_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path):
@@ -114,7 +117,7 @@ def test_a_second_writer_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_pat
                              stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not (out / runs.STATE_FILE).exists() and time.monotonic() < deadline:
+        while not (out / BATCH_STATE).exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         second = leaps(*DEMO, "--out", out)
         one_line_error(second, f"run directory {out} is in use by process {first.pid}")
@@ -123,7 +126,7 @@ def test_a_second_writer_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_pat
     finally:
         first.kill()
         first.communicate()
-    step = runs.load_state(out).step
+    step = runs.read_state(out / BATCH_STATE).step
     # The lock of the killed process is stale: taken over with a word; the run finishes.
     resumed = leaps("invert", "--resume", out, "--iterations", step, "--quiet")
     assert resumed.returncode == 0, resumed.stderr
@@ -170,8 +173,8 @@ def test_disk_full_mid_run_keeps_the_last_state_and_resume_continues(small_disk,
     out = disk / "run"
     proc = leaps(*DEMO, "--iterations", "6", "--out", out)
     one_line_error(proc, "no space left on device", f"leaps invert --resume {out}")
-    assert runs.load_state(out).step == 2
-    assert sorted(p.name for p in out.iterdir()) == ["run.json", "state.pt"]
+    assert runs.read_state(out / BATCH_STATE).step == 2
+    assert sorted(p.name for p in out.iterdir()) == ["batches", "run.json"]
     small_disk(4096)
     resumed = leaps("invert", "--resume", out, "--quiet")
     assert resumed.returncode == 0, resumed.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,9 @@ from leaps.testing import Conv3DStack, InProcessPlugin, motion_entry, registered
 from leaps.video import write_mp4
 
 CLASSES = ("left", "right", "up", "down")
+
+# The resumable state of a run of one batch (leaps.batches).
+BATCH_STATE = Path("batches", "batch_0000.state.pt")
 
 
 MODEL = "testmotion.tiny3d"
@@ -67,7 +71,7 @@ def test_inversion_reaches_the_target_and_writes_the_run(motion, tmp_path):
     assert set(record["config"]) >= {"lambda_1", "lambda_L", "r", "seed", "lr"}
     for name in ("video.pt", "grid.png", "loss.png", "sample_0_right.gif", "sample_1_up.mp4"):
         assert (out / name).is_file(), name
-    assert not (out / "state.pt").exists()
+    assert not (out / "batches").exists()
     assert torch.equal(torch.load(out / "video.pt", weights_only=True), result.video)
 
 
@@ -109,9 +113,9 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(motion, tmp_path):
 
     first = Inverter(model, [0], clips, config, "self")
     with pytest.raises(KeyboardInterrupt):
-        first.run(on_log=interrupt, on_save=lambda s: runs.save_state(tmp_path, s))
+        first.run(on_log=interrupt, on_save=lambda s: runs.write_state(tmp_path / "state.pt", s))
     first.close()
-    state = runs.load_state(tmp_path)
+    state = runs.read_state(tmp_path / "state.pt")
     assert state.step == 15 and len(state.history["total"]) == 15
     resumed = Inverter(model, [0], clips, config, "self").run(state)
     assert torch.equal(resumed.video, whole.video)
@@ -252,15 +256,15 @@ def test_ctrl_c_saves_the_state_and_resume_finishes_it_like_an_uninterrupted_run
                                stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
-    while not (out / runs.STATE_FILE).exists() and time.monotonic() < deadline:
+    while not (out / BATCH_STATE).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert f"leaps invert --resume {out}" in stderr and "Traceback" not in stderr
     record = json.loads((out / "run.json").read_text())
-    assert record["status"] == "interrupted" and (out / runs.STATE_FILE).is_file()
-    assert runs.load_state(out).step < 150
+    assert record["status"] == "interrupted" and (out / BATCH_STATE).is_file()
+    assert runs.read_state(out / BATCH_STATE).step < 150
     resumed = subprocess.run([sys.executable, "-m", "leaps.cli", "invert", "--resume", str(out),
                               "--quiet"], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
