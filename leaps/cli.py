@@ -21,6 +21,8 @@ LAZY_COMMANDS = {
                  "Measure inversion runs: top-1, IS, motion test and oracle, naturalness."),
     "report": ("leaps.report:report",
                "Write one static HTML page of inversion runs with their evaluation."),
+    "sweep": ("leaps.sweep:sweep",
+              "Invert many models x seeds from a plan; batches shared out under torchrun."),
     "train-demo": ("leaps.demo:train_demo",
                    "Train the demo zoo on the synthetic motion dataset."),
 }

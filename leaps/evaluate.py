@@ -77,7 +77,7 @@ from torch import Tensor
 from leaps import metrics
 from leaps.datasets import MOTION_CLASSES, make_dataset
 from leaps.errors import LeapsError
-from leaps.runs import RUN_FILE, RUN_FORMAT
+from leaps.runs import RUN_FILE, RUN_FORMAT, expand_run_dirs
 
 VIDEO_FILE = "video.pt"
 # A run.json carrying another "format" than runs.RUN_FORMAT is refused; one without the field
@@ -516,6 +516,7 @@ def evaluate_runs(run_dirs: Sequence[str | Path], also: Sequence[str] = (),
 
     if not run_dirs:
         raise LeapsError("name at least one run directory (written by `leaps invert`)")
+    run_dirs = expand_run_dirs(run_dirs)
     loaded = [load_run(path) for path in run_dirs]
     registry = load_registry()
     for name in also:
@@ -638,7 +639,8 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 @click.command()
-@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path),
+                metavar="RUN_DIR...")
 @click.option("--also", "also", multiple=True, metavar="MODEL",
               help="Another registry model that judges the clips (transfer: pick one that "
                    "took no part in the optimisation, of another family); repeat for several.")
@@ -649,7 +651,8 @@ def write_text(path: str | Path, text: str) -> Path:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda[:N] or auto.")
 def evaluate(run_dirs: tuple[Path, ...], also: tuple[str, ...], json_path: Path | None,
              markdown_path: Path | None, device: str) -> None:
-    """Measure the synthesized clips of inversion runs: top-1 by the model, its verifier and
+    """Measure the synthesized clips of inversion runs (a `leaps sweep` directory: all of its
+    runs): top-1 by the model, its verifier and
     unseen models, Inception Score, motion test, motion oracle, naturalness, diversity."""
     result = evaluate_runs(run_dirs, also, device)
     print_table(result)

@@ -22,6 +22,7 @@ import click
 
 from leaps.errors import LeapsError
 from leaps.evaluate import LEGEND, Run, evaluate_runs, load_run, table, write_text
+from leaps.runs import expand_run_dirs
 
 # Synthesized clips are small (32 px for the demo zoo): shown at least this wide, scaled by an
 # integer factor with pixelated rendering so no blur is invented.
@@ -249,7 +250,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path = "report.html"
                  device: str = "cpu") -> Path:
     """Evaluate runs (or take ``evaluation``: a dict of :func:`evaluate_runs` or the JSON file
     ``leaps evaluate --json`` wrote) and write the report page to ``out`` atomically."""
-    paths = [Path(p) for p in run_dirs]
+    paths = expand_run_dirs(run_dirs)
     runs = [load_run(p) for p in paths]
     if evaluation is None:
         evaluation = evaluate_runs(paths, also, device)
@@ -270,7 +271,8 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path = "report.html"
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda[:N] or auto.")
 def report(run_dirs: tuple[Path, ...], out: Path, also: tuple[str, ...],
            evaluation: Path | None, device: str) -> None:
-    """Write one static HTML page (no server needed) with, per class, the stimulus and
+    """Write one static HTML page (no server needed) of inversion runs (a `leaps sweep`
+    directory: all of its runs) with, per class, the stimulus and
     synthesized GIFs side by side, the loss curves and the evaluation table."""
     path = write_report(run_dirs, out, also, evaluation, device)
     click.echo(f"wrote {path} (open it in a browser: file://{path.resolve()})")

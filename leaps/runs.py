@@ -21,7 +21,7 @@ import json
 import os
 import platform
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,19 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise LeapsError(f"{path} is not valid JSON ({exc}); the run cannot be resumed") from None
+
+
+def expand_run_dirs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Run directories from the paths given: a run directory is itself; a folder that holds
+    none itself but run directories below it (a `leaps sweep` directory) is those, in name
+    order; anything else is kept (the reader names what is wrong with it)."""
+    expanded: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        below = sorted(p.parent for p in path.glob(f"*/{RUN_FILE}")) \
+            if path.is_dir() and not (path / RUN_FILE).exists() else []
+        expanded.extend(below or [path])
+    return expanded
 
 
 def check_new_run_dir(path: Path) -> None:

@@ -1,0 +1,148 @@
+"""Batches as units of work and torchrun sharding: real torchrun processes on CPU (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from leaps.batches import BatchFiles, plan_batches
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+LEAPS = str(Path(sys.executable).with_name("leaps"))
+# 8 classes x 2 samples = 16 clips in 4 batches of 4: rank 0 runs 0 and 2, rank 1 runs 1 and 3.
+RUN = ["invert", "--model", "demo.resnet3d", "--target", "all", "--samples", "2",
+       "--batch-size", "4", "--iterations", "24", "--save-every", "2", "--log-every", "2",
+       "--verifier", "self"]
+
+
+def torchrun(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc-per-node", "2", "--no-python", LEAPS, *map(str, args)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **kwargs)
+
+
+def leaps(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([LEAPS, *map(str, args)], env=ENV, capture_output=True, text=True,
+                          timeout=300)
+
+
+def video(run_dir: Path) -> torch.Tensor:
+    return torch.load(run_dir / "video.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "run"
+    proc = leaps(*RUN, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_batches_cut_targets_x_samples_in_order():
+    batches = plan_batches(targets=3, samples=2, batch_size=4)
+    assert [b.clips for b in batches] == [((0, 0), (0, 1), (1, 0), (1, 1)), ((2, 0), (2, 1))]
+    assert [b.name for b in batches] == ["batch_0000", "batch_0001"]
+
+
+def test_torchrun_writes_the_run_one_process_writes(one_process, tmp_path):
+    out = tmp_path / "run"
+    proc = torchrun(*RUN, "--out", out)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert (video(out) - video(one_process)).abs().max() <= 1e-5
+    assert stdout.count(f"{out}: 16 clip(s)") == 1  # rank 0 reports the run
+    record = json.loads((out / "run.json").read_text())
+    single = json.loads((one_process / "run.json").read_text())
+    assert record["status"] == "done" and record["world_size"] == 2
+    assert [(b["index"], b["rank"]) for b in record["batches"]] == [(0, 0), (1, 1), (2, 0), (3, 1)]
+    assert record["metrics"]["model_top1"] == single["metrics"]["model_top1"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in one_process.iterdir())
+    evaluated = leaps("evaluate", out, "--json", tmp_path / "eval.json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    reported = leaps("report", out, "--evaluation", tmp_path / "eval.json",
+                     "--out", tmp_path / "report.html")
+    assert reported.returncode == 0, reported.stderr
+
+
+def test_a_killed_rank_and_resume_complete_the_run_with_no_batch_lost_or_redone(one_process,
+                                                                                  tmp_path):
+    out = tmp_path / "run"
+    files = BatchFiles(out)
+    batches = plan_batches(8, 2, 4)
+    proc = torchrun(*RUN, "--out", out, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        # Rank 1 finished batch 1 and is in the middle of batch 3: kill it there.
+        while not files.state_path(batches[3]).exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        victim = files.result(batches[1])["pid"]
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode != 0
+    before = {b.index: files.result(b)["pid"] for b in batches if files.done_path(b).exists()}
+    assert 1 in before and 3 not in before, before  # killed mid-run, its first batch kept
+    resumed = leaps("invert", "--resume", out, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "done"
+    assert [b["index"] for b in record["batches"]] == [0, 1, 2, 3]  # every batch, once
+    for entry in record["batches"]:
+        if entry["index"] in before:  # a batch done before the kill was not done again
+            assert entry["pid"] == before[entry["index"]]
+        else:
+            assert entry["world_size"] == 1
+    assert (video(out) - video(one_process)).abs().max() <= 1e-5
+    assert not (out / "batches").exists()
+
+
+PLAN = """\
+targets: [left, right, up]
+options: {iterations: 3, samples: 2, batch_size: 4, verifier: self}
+models:
+  demo.resnet3d: {}
+  demo.x3d: {lr: 0.05}
+"""
+
+
+def test_sweep_shares_every_model_batch_and_skips_what_is_done(tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(PLAN)
+    out = tmp_path / "sweep"
+    proc = torchrun("sweep", plan, "--out", out, "--quiet")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    runs = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert runs == ["demo.resnet3d-seed0", "demo.x3d-seed0"]
+    for name in runs:
+        record = json.loads((out / name / "run.json").read_text())
+        assert record["status"] == "done" and video(out / name).shape[0] == 6
+        assert {b["rank"] for b in record["batches"]} == {0, 1}
+    again = leaps("sweep", plan, "--out", out, "--quiet")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("done before") == 2
+    reported = leaps("report", out, "--out", tmp_path / "report.html")
+    assert reported.returncode == 0, reported.stderr
+    assert (tmp_path / "report.html").read_text().count("demo.x3d") >= 1
+
+
+def test_a_plan_with_an_unknown_option_is_one_line(tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("models:\n  demo.resnet3d: {iteration: 3}\n")
+    proc = leaps("sweep", plan, "--out", tmp_path / "sweep")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "'iteration'" in proc.stderr and "iterations" in proc.stderr
+    assert not (tmp_path / "sweep").exists()
