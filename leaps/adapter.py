@@ -289,10 +289,24 @@ def load_state_dict_checked(net: nn.Module, state: dict[str, Tensor], source: st
                 more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
                 parts.append(f"{label}: {', '.join(keys[:5])}{more}")
         hint = ("; the classifier size differs from the label set: pass --labels FILE with the "
-                "model's classes" if mismatched else
+                "model's classes" if _only_the_head_differs(own, state, mismatched, missing,
+                                                            unexpected) else
                 "; is it a checkpoint of this model family and variant?")
         raise LeapsError(f"checkpoint {source} does not fit the model: {'; '.join(parts)}{hint}")
     net.load_state_dict(state, strict=True)
+
+
+def _only_the_head_differs(own: dict[str, Tensor], state: dict[str, Tensor],
+                           mismatched: list[str], missing: list[str],
+                           unexpected: list[str]) -> bool:
+    """Every key fits but the classifier's (the last weight and bias, whose first dimension is
+    the number of classes): a model fine-tuned on another label set, not another model."""
+    if missing or unexpected or not mismatched:
+        return False
+    head = [k for k in own if own[k].dim() >= 1][-2:]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    return set(wrong) <= set(head) and all(
+        state[k].shape[1:] == own[k].shape[1:] for k in wrong)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -150,7 +150,7 @@ class InvertConfig:
                     f"drop {option}, or start a new run with --out")
             updates[name] = value
             notes.append(f"resuming with {option} {value} (the run had {old})" + (
-                "; the learning-rate schedule is stretched to the new length"
+                "; the learning-rate schedule is fitted to the new length"
                 if name == "iterations" else ""))
         config = replace(self, **updates)
         config.validate()

@@ -769,7 +769,9 @@ def prepare_run(model: str | None = None, *, adapter: str | None = None,
                    f"{fs.frames}: its frames are repeated in order (stretched in time), not "
                    "looped")
 
-    clips = [read_clips(group, fs.frames, fs.size, short if not resuming and rank0 else None)
+    quiet = resuming or not rank0
+    clips = [read_clips(group, fs.frames, fs.size, None if quiet else short,
+                        (lambda _: None) if quiet else on_warning)
              for group in groups]
     verifier_name = spec.verifier if verifier is None else verifier
     if verifier_name == "self":

@@ -249,7 +249,11 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path = "report.html"
                  also: Sequence[str] = (), evaluation: str | Path | dict[str, Any] | None = None,
                  device: str = "cpu") -> Path:
     """Evaluate runs (or take ``evaluation``: a dict of :func:`evaluate_runs` or the JSON file
-    ``leaps evaluate --json`` wrote) and write the report page to ``out`` atomically."""
+    ``leaps evaluate --json`` wrote) and write the report page to ``out`` atomically. ``out``
+    is checked first, so a path that cannot be written fails before any evaluation."""
+    from leaps.files import check_output_file
+
+    check_output_file(out)
     paths = expand_run_dirs(run_dirs)
     runs = [load_run(p) for p in paths]
     if evaluation is None:
@@ -262,7 +266,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path = "report.html"
 @click.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", default="report.html", show_default=True,
-              type=click.Path(dir_okay=False, path_type=Path), help="The HTML page to write.")
+              type=click.Path(path_type=Path), help="The HTML page to write.")
 @click.option("--also", "also", multiple=True, metavar="MODEL",
               help="Another registry model that judges the clips (as in `leaps evaluate`).")
 @click.option("--evaluation", type=click.Path(dir_okay=False, path_type=Path),

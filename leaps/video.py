@@ -70,7 +70,8 @@ def sample_indices(total: int, frames: int) -> list[int]:
 
 
 def read_clip(source: str | Path, frames: int, size: int,
-              on_short: Callable[[int], None] | None = None) -> Tensor:
+              on_short: Callable[[int], None] | None = None,
+              on_warning: Callable[[str], None] | None = None) -> Tensor:
     """Read ``frames`` uniformly sampled frames of a clip as float32 ``[3, frames, size, size]``.
 
     ``source`` is a video file (``.mp4 .avi .webm .mkv .mov .gif``) or a folder of frame images
@@ -81,7 +82,10 @@ def read_clip(source: str | Path, frames: int, size: int,
     converted, so long videos cost decode time but not memory.
 
     ``on_short(n)`` is called when the source has only ``n < frames`` frames (they are then
-    stretched, see :func:`sample_indices`), so callers can say so.
+    stretched, see :func:`sample_indices`), so callers can say so. ``on_warning(message)``
+    (default: :func:`warnings.warn`) hears of a video that ends early: fewer frames decode than
+    it declares (a truncated file) or a damaged packet stops decoding; the frames that did
+    decode are used.
 
     Raises :class:`LeapsError` for a missing, unreadable or unsupported source, a folder without
     images, or a video without decodable frames.
@@ -102,20 +106,27 @@ def read_clip(source: str | Path, frames: int, size: int,
                 f"{' '.join(VIDEO_EXTENSIONS)}; convert it (e.g. ffmpeg -i {path.name} clip.mp4) "
                 f"or pass a folder of {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} frames"
             )
-        kept, total = _read_video_file(path, frames)
+        kept, total = _read_video_file(path, frames, on_warning or _warn)
     if total < frames and on_short is not None:
         on_short(total)
     return torch.stack([_resize_crop(frame, size) for frame in kept], dim=1).contiguous()
 
 
 def read_clips(sources: Sequence[str | Path], frames: int, size: int,
-               on_short: Callable[[str | Path, int], None] | None = None) -> Tensor:
+               on_short: Callable[[str | Path, int], None] | None = None,
+               on_warning: Callable[[str], None] | None = None) -> Tensor:
     """Read several clips with :func:`read_clip` into one float32 ``[N, 3, frames, size, size]``;
-    ``on_short(source, n)`` for each source with fewer than ``frames`` frames."""
+    ``on_short(source, n)`` for each source with fewer than ``frames`` frames, ``on_warning``
+    as :func:`read_clip`'s."""
     if len(sources) == 0:
         raise LeapsError("no stimulus given; pass at least one video file or frame folder")
     return torch.stack([read_clip(s, frames, size, None if on_short is None else
-                                  (lambda n, s=s: on_short(s, n))) for s in sources])
+                                  (lambda n, s=s: on_short(s, n)), on_warning)
+                        for s in sources])
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=4)
 
 
 def _natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
@@ -147,18 +158,25 @@ def _read_image_folder(folder: Path, frames: int) -> tuple[list[Tensor], int]:
     return [loaded[i] for i in indices], len(images)
 
 
-def _read_video_file(path: Path, frames: int) -> tuple[list[Tensor], int]:
-    total = _stream_frame_count(path)
-    if total is None:
-        total, _ = _decode_pass(path, None)
+def _read_video_file(path: Path, frames: int, on_warning: Callable[[str], None]
+                     ) -> tuple[list[Tensor], int]:
+    declared = _stream_frame_count(path)
+    if declared:
+        total, failure = declared, None
+    else:
+        total, _, failure = _decode_pass(path, None)
     if total:
-        count, kept = _decode_pass(path, set(sample_indices(total, frames)))
+        count, kept, failure = _decode_pass(path, set(sample_indices(total, frames)))
         if count != total:
             # The declared frame count was wrong (edit lists, a broken tail): sample the frames
             # that really decode, which takes a second pass over the file.
             total = count
             if total:
-                _, kept = _decode_pass(path, set(sample_indices(total, frames)))
+                _, kept, _ = _decode_pass(path, set(sample_indices(total, frames)))
+    if total and (failure or (declared and total < declared)):
+        of = f" of the {declared} it declares" if declared and total < declared else ""
+        why = f" ({failure})" if failure else " (a truncated or damaged file?)"
+        on_warning(f"video {path} ends early: {total} frame(s){of} decode{why}; using those")
     if total == 0:
         raise LeapsError(f"video {path} has no decodable frames; check that it plays, or "
                          f"re-encode it (e.g. ffmpeg -i {path.name} -c:v libx264 clip.mp4)")
@@ -186,11 +204,13 @@ def _stream_frame_count(path: Path) -> int | None:
     return declared if declared > 0 else None
 
 
-def _decode_pass(path: Path, wanted: set[int] | None) -> tuple[int, dict[int, Tensor]]:
-    """Decode the first video stream once; return the number of decodable frames and the
-    frames at ``wanted`` indices as uint8 ``[3, H, W]`` (only those are converted to RGB)."""
+def _decode_pass(path: Path, wanted: set[int] | None
+                 ) -> tuple[int, dict[int, Tensor], str | None]:
+    """Decode the first video stream once; return the number of decodable frames, the
+    frames at ``wanted`` indices as uint8 ``[3, H, W]`` (only those are converted to RGB) and
+    the decoder's error where one stopped it after some frames."""
     kept: dict[int, Tensor] = {}
-    count = 0
+    count, failure = 0, None
     with _open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -203,9 +223,8 @@ def _decode_pass(path: Path, wanted: set[int] | None) -> tuple[int, dict[int, Te
             # A broken packet ends the clip: keep what decoded before it rather than reject a
             # file that players show (up to its damaged tail).
             if count:
-                warnings.warn(f"{path}: decoding stopped after {count} frames "
-                              f"({_first_line(err)}); using those frames", stacklevel=4)
-    return count, kept
+                failure = f"decoding stopped: {_first_line(err)}"
+    return count, kept, failure
 
 
 def _to_chw(array: np.ndarray) -> Tensor:

@@ -131,6 +131,7 @@ def test_a_second_writer_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_pat
     resumed = leaps("invert", "--resume", out, "--iterations", step, "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert f"locked by process {first.pid}, which is no longer running" in resumed.stderr
+    assert f"resuming with --iterations {step} (the run had 400)" in resumed.stderr
     assert json.loads((out / "run.json").read_text())["status"] == "done"
     assert not (out / runs.LOCK_FILE).exists()
 
@@ -176,10 +177,135 @@ def test_disk_full_mid_run_keeps_the_last_state_and_resume_continues(small_disk,
     assert runs.read_state(out / BATCH_STATE).step == 2
     assert sorted(p.name for p in out.iterdir()) == ["batches", "run.json"]
     small_disk(4096)
-    resumed = leaps("invert", "--resume", out, "--quiet")
+    # A new run into it is refused with the way to continue it; options that would make it
+    # another run are refused on --resume.
+    one_line_error(leaps(*DEMO, "--out", out), "already exists", f"--resume {out}")
+    one_line_error(leaps("invert", "--resume", out, "--lr", "0.5"),
+                   "--lr 0.5 conflicts with the run being resumed (--lr 0.1)")
+    one_line_error(leaps("invert", "--resume", out, "--model", "demo.x3d"),
+                   "--model demo.x3d conflicts", "demo.resnet3d")
+    one_line_error(leaps("invert", "--resume", out, "--target", "left"), "--target left conflicts")
+    one_line_error(leaps("invert", "--resume", out, "--iterations", "1"),
+                   "--iterations 1 is fewer than the 2 steps")
+    one_line_error(leaps("invert", "--resume", out, "--out", tmp_path / "x"), "--out cannot")
+    resumed = leaps("invert", "--resume", out, "--target", "right", "--log-every", "2",
+                    "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert torch.equal(torch.load(out / "video.pt", weights_only=True),
                        torch.load(tmp_path / "whole" / "video.pt", weights_only=True))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["run.json", *json.loads((out / "run.json").read_text())["files"]])
+    one_line_error(leaps("invert", "--resume", out), f"run {out} is finished: nothing to resume")
+
+
+def test_disk_full_while_writing_outputs_keeps_the_finished_run(small_disk):
+    """Issue 22: the optimisation is saved before any output; --resume only writes them."""
+    disk = small_disk(450)  # run.json and the final state.pt fit, not every output beside them
+    out = disk / "run"
+    proc = leaps(*DEMO, "--save-every", "100", "--out", out)
+    one_line_error(proc, "no space left on device", "the finished optimisation is kept",
+                   f"`leaps invert --resume {out}` writes the outputs")
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    final = runs.load_state(out)
+    assert final.step == 4 and len(final.history["total"]) == 4
+    assert not list(out.glob(".*.tmp*")), "no half-written file"
+    small_disk(4096)
+    resumed = leaps("invert", "--resume", out, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "finished (4 steps); writing its outputs" in resumed.stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "done" and record["steps"] == 4
+    assert len(record["history"]["total"]) == 4  # not optimised again
+    assert torch.equal(torch.load(out / "video.pt", weights_only=True), final.video)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["run.json", *record["files"]])
+
+
+# -- random weights: the same seed gives the same network, also on --resume ------------------
+RANDOM = ["invert", "--model", "torchvision.r3d_18", "--reduced", "--verifier", "self",
+          "--target", "abseiling", "--stimulus", STIMULI / "left_0.mp4", "--iterations", "4",
+          "--log-every", "2", "--save-every", "2", "--quiet"]
+
+
+def test_random_weights_are_seeded_and_rebuilt_identically_on_resume(small_disk, tmp_path):
+    first, second = (leaps(*RANDOM, "--out", tmp_path / name) for name in ("a", "b"))
+    assert first.returncode == second.returncode == 0, (first.stderr, second.stderr)
+    video = torch.load(tmp_path / "a" / "video.pt", weights_only=True)
+    assert torch.equal(video, torch.load(tmp_path / "b" / "video.pt", weights_only=True))
+    record = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert record["checkpoint"] is None and record["model_seed"] == 0
+    # Cut by a full disk after step 2, resumed in a new process: the network is rebuilt from
+    # the seed, so the result is the uninterrupted one.
+    disk = small_disk(250)  # one state.pt (4x32x32 clip + Adam moments) fits, not two
+    cut = leaps(*RANDOM, "--out", disk / "run")
+    one_line_error(cut, "no space left on device", "--resume")
+    assert runs.load_state(disk / "run").step == 2
+    small_disk(4096)
+    resumed = leaps("invert", "--resume", disk / "run", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.equal(torch.load(disk / "run" / "video.pt", weights_only=True), video)
+
+
+# -- inputs that were accepted without a word, hints that sent users the wrong way -------------
+def test_a_truncated_video_says_how_many_frames_decoded(tmp_path):
+    import av
+    import numpy as np
+
+    whole = tmp_path / "whole.mp4"
+    with av.open(str(whole), "w", format="mp4", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        noise = np.random.default_rng(0).integers(0, 255, (48, 64, 64, 3), dtype=np.uint8)
+        for frame in noise:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[:len(data) // 3])
+    proc = leaps(*DEMO, "--iterations", "2", "--stimulus", cut, "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    assert f"warning: video {cut} ends early: " in proc.stderr
+    assert "of the 48 it declares decode" in proc.stderr
+
+
+def test_existing_directories_suggest_resume_only_where_it_can_resume(tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    line = one_line_error(leaps(*DEMO, "--out", other), "already exists")
+    assert "--resume" not in line and (other / "notes.txt").read_text() == "mine"
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    (crashed / "run.json").write_text(json.dumps({"status": "running"}))
+    line = one_line_error(leaps(*DEMO, "--out", crashed), "no state to resume")
+    assert "--resume" not in line
+    one_line_error(leaps("invert", "--resume", crashed), "no state.pt", "--out")
+
+
+def test_only_a_head_size_mismatch_suggests_labels(tmp_path):
+    zoo = STIMULI.parent
+    line = one_line_error(leaps(*DEMO, "--checkpoint", zoo / "demo.x3d.safetensors",
+                                "--out", tmp_path / "a"), "does not fit the model")
+    assert "--labels" not in line and "family and variant" in line
+    labels = tmp_path / "four.txt"
+    labels.write_text("left\nright\nup\ndown\n")
+    line = one_line_error(leaps(*DEMO, "--labels", labels, "--out", tmp_path / "b"),
+                          "does not fit the model")
+    assert "pass --labels FILE with the model's classes" in line
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_report_out_is_checked_before_any_evaluation(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    run = tmp_path / "run"
+    done = leaps(*DEMO, "--out", run)
+    assert done.returncode == 0, done.stderr
+    started = time.monotonic()
+    proc = leaps("report", run, "--out", afile / "r.html")
+    one_line_error(proc, f"{afile}", "is a file")
+    assert time.monotonic() - started < 30
+    one_line_error(leaps("report", run, "--out", tmp_path), "is a folder")
 
 
 # -- what users see ---------------------------------------------------------------------------

@@ -178,7 +178,10 @@ def test_truncated_video_is_sampled_over_the_frames_that_decode(tmp_path: Path) 
         assert container.streams.video[0].frames == LENGTH  # the header still says 24
         decodable = sum(1 for _ in container.decode(video=0))
     assert 2 < decodable < LENGTH
-    clip = read_clip(truncated, frames=8, size=32)
+    notes: list[str] = []
+    clip = read_clip(truncated, frames=8, size=32, on_warning=notes.append)
+    assert notes == [f"video {truncated} ends early: {decodable} frame(s) of the {LENGTH} it "
+                     "declares decode (a truncated or damaged file?); using those"]
     # The last decodable frame may be damaged by the cut; the others carry their index.
     assert decoded_indices(clip, 32)[:-1] == sample_indices(decodable, 8)[:-1]
 
