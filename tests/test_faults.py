@@ -25,6 +25,7 @@ DEMO = [*UNTARGETED, "--target", "right"]
 
 # The resumable state of a run of one batch (leaps.batches).
 BATCH_STATE = Path("batches", "batch_0000.state.pt")
+BATCH_DONE = Path("batches", "batch_0000.done.pt")
 
 
 def leaps(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -200,15 +201,15 @@ def test_disk_full_mid_run_keeps_the_last_state_and_resume_continues(small_disk,
 
 def test_disk_full_while_writing_outputs_keeps_the_finished_run(small_disk):
     """Issue 22: the optimisation is saved before any output; --resume only writes them."""
-    disk = small_disk(450)  # run.json and the final state.pt fit, not every output beside them
+    disk = small_disk(250)  # run.json and the finished batch fit, not every output beside them
     out = disk / "run"
     proc = leaps(*DEMO, "--save-every", "100", "--out", out)
     one_line_error(proc, "no space left on device", "the finished optimisation is kept",
                    f"`leaps invert --resume {out}` writes the outputs")
     assert json.loads((out / "run.json").read_text())["status"] == "running"
-    final = runs.load_state(out)
-    assert final.step == 4 and len(final.history["total"]) == 4
-    assert not list(out.glob(".*.tmp*")), "no half-written file"
+    final = torch.load(out / BATCH_DONE, weights_only=True)
+    assert final["steps"] == 4 and len(final["history"]["total"]) == 4
+    assert not list(out.rglob(".*.tmp*")), "no half-written file"
     small_disk(4096)
     resumed = leaps("invert", "--resume", out, "--quiet")
     assert resumed.returncode == 0, resumed.stderr
@@ -216,7 +217,7 @@ def test_disk_full_while_writing_outputs_keeps_the_finished_run(small_disk):
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "done" and record["steps"] == 4
     assert len(record["history"]["total"]) == 4  # not optimised again
-    assert torch.equal(torch.load(out / "video.pt", weights_only=True), final.video)
+    assert torch.equal(torch.load(out / "video.pt", weights_only=True), final["video"])
     assert sorted(p.name for p in out.iterdir()) == sorted(["run.json", *record["files"]])
 
 
@@ -235,10 +236,10 @@ def test_random_weights_are_seeded_and_rebuilt_identically_on_resume(small_disk,
     assert record["checkpoint"] is None and record["model_seed"] == 0
     # Cut by a full disk after step 2, resumed in a new process: the network is rebuilt from
     # the seed, so the result is the uninterrupted one.
-    disk = small_disk(250)  # one state.pt (4x32x32 clip + Adam moments) fits, not two
+    disk = small_disk(250)  # one state (4x32x32 clip + Adam moments) fits, not two
     cut = leaps(*RANDOM, "--out", disk / "run")
     one_line_error(cut, "no space left on device", "--resume")
-    assert runs.load_state(disk / "run").step == 2
+    assert runs.read_state(disk / "run" / BATCH_STATE).step == 2
     small_disk(4096)
     resumed = leaps("invert", "--resume", disk / "run", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
@@ -274,12 +275,11 @@ def test_existing_directories_suggest_resume_only_where_it_can_resume(tmp_path):
     (other / "notes.txt").write_text("mine")
     line = one_line_error(leaps(*DEMO, "--out", other), "already exists")
     assert "--resume" not in line and (other / "notes.txt").read_text() == "mine"
-    crashed = tmp_path / "crashed"
-    crashed.mkdir()
-    (crashed / "run.json").write_text(json.dumps({"status": "running"}))
-    line = one_line_error(leaps(*DEMO, "--out", crashed), "no state to resume")
+    one_line_error(leaps("invert", "--resume", other), "not a leaps run directory")
+    finished = tmp_path / "finished"
+    assert leaps(*DEMO, "--iterations", "2", "--out", finished).returncode == 0
+    line = one_line_error(leaps(*DEMO, "--out", finished), "already exists", "finished run")
     assert "--resume" not in line
-    one_line_error(leaps("invert", "--resume", crashed), "no state.pt", "--out")
 
 
 def test_only_a_head_size_mismatch_suggests_labels(tmp_path):
