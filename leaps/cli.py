@@ -209,7 +209,7 @@ def _config_options(command: Any) -> Any:
 @click.option("--verifier", help="Verifier model name, 'self' or 'none' [default: registry].")
 @click.option("--checkpoint", help="Weights to load: a file in the family's native format, or "
                                    "'registry' for the entry's official checkpoint.")
-@click.option("--labels", type=click.Path(dir_okay=False),
+@click.option("--labels", type=click.Path(),
               help="Class names, one a line, for a model fine-tuned on other classes.")
 @click.option("--out", type=click.Path(),
               help="Run directory to create [default: runs/<time>-<model>].")

@@ -75,6 +75,20 @@ def test_out_under_a_file_or_unwritable_is_refused_before_any_model(tmp_path):
     assert afile.read_text() == "not a folder" and sorted(tmp_path.iterdir()) == [afile]
 
 
+def test_out_on_a_read_only_file_system_is_refused_before_any_model(tmp_path):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here ({proc.stderr.strip()})")
+    try:
+        one_line_error(leaps(*DEMO, "--out", mount / "run"), "read-only file system",
+                       f"cannot write in {mount}")
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
 # -- label files: one reader, errors name the file and the line ------------------------------
 def test_label_file_with_duplicates_or_not_utf8_names_the_lines(tmp_path):
     labels = tmp_path / "labels.txt"
@@ -234,6 +248,11 @@ def test_random_weights_are_seeded_and_rebuilt_identically_on_resume(small_disk,
     assert torch.equal(video, torch.load(tmp_path / "b" / "video.pt", weights_only=True))
     record = json.loads((tmp_path / "a" / "run.json").read_text())
     assert record["checkpoint"] is None and record["model_seed"] == 0
+    # As for a trained entry (the demo zoo's weights): the same command, the same clips.
+    trained = [leaps(*DEMO, "--out", tmp_path / name) for name in ("c", "d")]
+    assert [p.returncode for p in trained] == [0, 0], [p.stderr for p in trained]
+    assert torch.equal(torch.load(tmp_path / "c" / "video.pt", weights_only=True),
+                       torch.load(tmp_path / "d" / "video.pt", weights_only=True))
     # Cut by a full disk after step 2, resumed in a new process: the network is rebuilt from
     # the seed, so the result is the uninterrupted one.
     disk = small_disk(250)  # one state (4x32x32 clip + Adam moments) fits, not two
