@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import re
+import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -145,13 +146,25 @@ def claim_run_dir(path: Path, new: bool,
     ``new``: create the directory (or take an empty one) for a new run; it must not hold
     anything else once claimed (two runs started at once: exactly one gets it). A lock file
     left by a process that is gone (killed, crashed) is taken over, with a warning."""
-    import fcntl
-
+    made = new and not path.exists()
     if new:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise WriteError(path, error) from None
+    try:
+        return _lock(path, new, on_warning)
+    except WriteError:
+        if made:  # a failed first write leaves nothing behind
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def _lock(path: Path, new: bool, on_warning: Callable[[str], None] | None) -> RunLock:
+    import fcntl
+
     lock_path = path / LOCK_FILE
     while True:
         try:
@@ -161,8 +174,12 @@ def claim_run_dir(path: Path, new: bool,
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            pid = handle.read().strip()
+            for _ in range(20):  # the holder writes its pid right after taking the lock
+                handle.seek(0)
+                pid = handle.read().strip()
+                if pid:
+                    break
+                time.sleep(0.05)
             handle.close()
             raise LeapsError(_in_use_message(path, int(pid) if pid.isdigit() else None)) \
                 from None
