@@ -84,19 +84,30 @@ def _table(title: str, columns: list[str]) -> Any:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def plugins(as_json: bool) -> None:
-    """List installed plugins, their versions, hooks and adapters."""
-    from leaps.plugins import get_host
+    """List installed plugins, their versions, hooks and adapters, and what is wrong with any
+    of them (one that failed to load, contributes no models, or clashes with another)."""
+    from leaps.plugins import STRICT_ENV, get_host, strict_mode
+    from leaps.registry import load_registry
 
-    host = get_host()
-    rows = [vars(info) for info in host.plugins.values()]
+    host = get_host(tolerant=True)  # problems are shown here, whatever LEAPS_STRICT_PLUGINS says
+    load_registry()  # a plugin's broken registry entries are one of its problems
+    infos = [*host.plugins.values(), *host.failed]
+    rows = [vars(info) for info in infos]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
-        return
-    table = _table("leaps plugins", ["plugin", "distribution", "version", "hooks", "adapters"])
-    for row in rows:
-        table.add_row(row["name"], row["distribution"], row["version"], "\n".join(row["hooks"]),
-                      "\n".join(row["adapters"]) or "-")
-    _console().print(table)
+    else:
+        table = _table("leaps plugins", ["plugin", "distribution", "version", "hooks",
+                                         "adapters", "status"])
+        for row in rows:
+            status = ("ok" if row["loaded"] and not row["problems"] else
+                      ("not loaded: " if not row["loaded"] else "") + "\n".join(row["problems"]))
+            table.add_row(row["name"], row["distribution"], row["version"],
+                          "\n".join(row["hooks"]) or "-", "\n".join(row["adapters"]) or "-",
+                          status)
+        _console().print(table)
+    problems = len({problem for info in infos for problem in info.problems})
+    if problems and strict_mode():
+        raise LeapsError(f"{problems} plugin problem(s), listed above ({STRICT_ENV} is set)")
 
 
 @cli.command()

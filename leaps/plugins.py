@@ -1,9 +1,13 @@
 """The plugin host: loads every ``leaps`` entry point, built-in adapters included.
 
-Each entry point is loaded inside its own ``try``: a plugin that fails to import, or that
-implements a hook that does not exist (a misspelling), is skipped with one warning line naming
-its distribution and the error. With ``LEAPS_STRICT_PLUGINS=1`` (what CI and the test suite
-use) the same problem is an error instead.
+Each entry point is loaded inside its own ``try``: a plugin that fails to import, implements a
+hook that does not exist (a misspelling), raises in a hook or registers something that is not
+an adapter is skipped with one warning line naming its distribution and the error; so are the
+registry entries of a plugin whose registry file or mapping is invalid (see
+:func:`leaps.registry.load_registry`). An adapter name that two plugins provide is unusable
+(a command that needs it gets the error naming both providers), every other one works. The
+problems are kept on the host, so ``leaps plugins`` shows them. With ``LEAPS_STRICT_PLUGINS=1``
+(what CI and the test suite use) each problem is an error instead.
 """
 
 from __future__ import annotations
@@ -37,9 +41,14 @@ class PluginInfo:
     module: str
     hooks: list[str] = field(default_factory=list)
     adapters: list[str] = field(default_factory=list)
+    # What went wrong with it, one line each (empty: it loaded whole). A plugin that failed to
+    # load is listed with its problem and nothing else.
+    problems: list[str] = field(default_factory=list)
+    loaded: bool = True
 
 
-def strict() -> bool:
+def strict_mode() -> bool:
+    """Whether ``LEAPS_STRICT_PLUGINS`` makes every plugin problem an error."""
     return os.environ.get(STRICT_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
@@ -53,13 +62,18 @@ def _describe(ep: EntryPoint) -> tuple[str, str]:
 class PluginHost:
     """pluggy's PluginManager plus what leaps needs on top: adapters by name, load warnings."""
 
-    def __init__(self) -> None:
+    def __init__(self, strict: bool | None = None) -> None:
         self.pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
         self.pm.add_hookspecs(hookspecs)
         self.plugins: dict[str, PluginInfo] = {}
+        self.failed: list[PluginInfo] = []  # plugins that did not load, with the reason
         self.adapters: dict[str, type[Adapter]] = {}
         self.adapter_provider: dict[str, str] = {}
+        # adapter name -> the plugins that each provide it (two or more: the name is unusable)
+        self.clashes: dict[str, list[str]] = {}
         self.warnings: list[str] = []
+        self.strict = strict_mode() if strict is None else strict
+        self._classes: dict[tuple[str, str], type[Adapter]] = {}  # (plugin, adapter) -> class
 
     # -- loading -----------------------------------------------------------------------
     def load_entry_points(self) -> None:
@@ -68,8 +82,8 @@ class PluginHost:
             try:
                 plugin = ep.load()
             except Exception as exc:  # any import failure of a third-party module
-                self._fail(f"plugin {ep.name!r} from {dist} {version} failed to import: "
-                           f"{type(exc).__name__}: {exc}")
+                self._skip(ep.name, dist, version, "failed to import: "
+                           f"{type(exc).__name__}: {_one_line(exc)}")
                 continue
             self.add(plugin, ep.name, dist, version)
 
@@ -77,8 +91,10 @@ class PluginHost:
             version: str = "?") -> PluginInfo | None:
         """Register one plugin object and collect its adapters; returns None if it was skipped."""
         if name in self.plugins:
-            raise LeapsError(f"two plugins are named {name!r} ({self.plugins[name].distribution} "
-                             f"and {distribution}); uninstall one of them")
+            self._skip(name, distribution, version, f"has the name of plugin {name!r} of "
+                       f"{self.plugins[name].distribution} (two plugins are named {name!r}); "
+                       "uninstall one of them")
+            return None
         self.pm.register(plugin, name=name)
         unknown = self._unknown_hooks(plugin)
         if unknown:
@@ -89,8 +105,8 @@ class PluginHost:
             for hook in unknown:
                 close = difflib.get_close_matches(hook, known, n=1)
                 hints.append(hook + (f" (did you mean {close[0]}?)" if close else ""))
-            self._fail(f"plugin {name!r} from {distribution} {version} implements unknown "
-                       f"hook(s) {', '.join(hints)}; known hooks: {', '.join(sorted(known))}")
+            self._skip(name, distribution, version, f"implements unknown hook(s) "
+                       f"{', '.join(hints)}; known hooks: {', '.join(sorted(known))}")
             return None
         info = PluginInfo(name=name, distribution=distribution, version=version,
                           module=getattr(plugin, "__name__", type(plugin).__name__),
@@ -105,14 +121,22 @@ class PluginHost:
                                                             if p is not plugin])
         try:
             caller(register=register)
-        except LeapsError:
+        except Exception as exc:  # a hook that raises, or registers something unusable
             self.remove(plugin, info)
-            raise
-        except Exception as exc:
-            self.remove(plugin, info)
-            self._fail(f"plugin {name!r} from {distribution} {version} failed while registering "
-                       f"adapters: {type(exc).__name__}: {exc}")
+            reason = (str(exc) if isinstance(exc, LeapsError) else
+                      f"{type(exc).__name__}: {_one_line(exc)}")
+            self._skip(name, distribution, version,
+                       f"failed while registering adapters: {reason}")
             return None
+        for adapter in [a for a in info.adapters if name in self.clashes.get(a, ())]:
+            message = self.clash_message(adapter)
+            if self.strict:
+                self.remove(plugin, info)
+            else:
+                for other in self.clashes[adapter]:
+                    if other != name and other in self.plugins:
+                        self.plugins[other].problems.append(message)
+            self._fail(message, plugin=name)
         return info
 
     def _unknown_hooks(self, plugin: Any) -> list[str]:
@@ -128,11 +152,26 @@ class PluginHost:
         )
 
     def remove(self, plugin: Any, info: PluginInfo) -> None:
-        """Unregister ``plugin`` and forget the adapters it provided."""
+        """Unregister ``plugin`` and forget the adapters it provided (a name it shared with
+        another plugin is that plugin's again)."""
         self.pm.unregister(plugin)
         for adapter in info.adapters:
+            providers = self.clashes.get(adapter)
+            if providers and info.name in providers:
+                providers.remove(info.name)
+                if len(providers) == 1:
+                    del self.clashes[adapter]
+                if self.adapter_provider.get(adapter) != info.name:
+                    continue
+                rest = self.plugins.get(providers[0])
+                owner = self._classes.get((providers[0], adapter))
+                if rest is not None and owner is not None:
+                    self.adapters[adapter], self.adapter_provider[adapter] = owner, rest.name
+                    continue
             self.adapters.pop(adapter, None)
             self.adapter_provider.pop(adapter, None)
+        for adapter in info.adapters:
+            self._classes.pop((info.name, adapter), None)
         self.plugins.pop(info.name, None)
 
     def _register_adapter(self, adapter_cls: type[Adapter], info: PluginInfo) -> None:
@@ -146,30 +185,68 @@ class PluginHost:
             raise LeapsError(f"plugin {info.name!r} ({info.distribution}) registered adapter "
                              f"{adapter_cls.__name__} with name {name!r}; adapter names are "
                              "'<plugin>.<family>', e.g. 'mmaction.swin'")
+        if name in info.adapters:
+            return  # the same name twice from one plugin: once is enough
+        self._classes[(info.name, name)] = adapter_cls
+        info.adapters.append(name)
         if name in self.adapters:
-            other = self.adapter_provider[name]
-            raise LeapsError(f"adapter {name!r} is provided twice: by plugin {other!r} "
-                             f"({self.plugins[other].distribution}) and by plugin {info.name!r} "
-                             f"({info.distribution}); uninstall one of them")
+            # Neither provider wins: the name stays unusable until one is uninstalled.
+            providers = self.clashes.setdefault(name, [self.adapter_provider[name]])
+            providers.append(info.name)
+            return
         self.adapters[name] = adapter_cls
         self.adapter_provider[name] = info.name
-        info.adapters.append(name)
 
-    def _fail(self, message: str) -> None:
-        if strict():
+    def clash_message(self, adapter: str) -> str:
+        providers = self.clashes[adapter]
+        named = " and by ".join(
+            f"plugin {p!r} ({self.plugins[p].distribution if p in self.plugins else '?'})"
+            for p in providers)
+        return (f"adapter {adapter!r} is provided twice: by {named}; uninstall one of them "
+                "(`leaps plugins` lists them)")
+
+    def _skip(self, name: str, distribution: str, version: str, reason: str) -> None:
+        """A plugin that could not be loaded: warn (or, strict, fail) and remember why."""
+        self.failed.append(PluginInfo(name=name, distribution=distribution, version=version,
+                                      module="", loaded=False, problems=[reason]))
+        self._fail(f"plugin {name!r} from {distribution} {version} {reason}")
+
+    def _fail(self, message: str, plugin: str | None = None, problem: str | None = None
+              ) -> None:
+        """One plugin problem: an error under ``LEAPS_STRICT_PLUGINS``, else a warning line;
+        ``plugin`` (a loaded one) keeps it (or ``problem``) among its problems for
+        ``leaps plugins``."""
+        if plugin is not None and plugin in self.plugins:
+            self.plugins[plugin].problems.append(problem or message)
+        if self.strict:
             raise LeapsError(message + f" ({STRICT_ENV} is set)")
         self.warnings.append(message)
         print(f"warning: {message}", file=sys.stderr)
 
+    def plugin_problem(self, plugin: str, reason: str) -> None:
+        """A problem of a loaded plugin found later (its registry entries): warn or fail."""
+        info = self.plugins.get(plugin)
+        where = f"plugin {plugin!r} from {info.distribution} {info.version}" if info else \
+            f"plugin {plugin!r}"
+        self._fail(f"{where} {reason}", plugin=plugin, problem=reason)
+
     # -- lookups -----------------------------------------------------------------------
     def adapter(self, name: str) -> type[Adapter]:
-        """The adapter class called ``name``; an unknown name errors with close matches."""
+        """The adapter class called ``name``; an unknown name errors with close matches, a
+        name two plugins provide with both of them."""
+        if name in self.clashes:
+            raise LeapsError(self.clash_message(name))
         try:
             return self.adapters[name]
         except KeyError:
             raise LeapsError(unknown_name_message("adapter", name, sorted(self.adapters),
                                                   "`leaps plugins` lists what provides them")
                              ) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def unknown_name_message(kind: str, name: str, known: list[str], where: str) -> str:
@@ -181,11 +258,13 @@ def unknown_name_message(kind: str, name: str, known: list[str], where: str) -> 
 _HOST: PluginHost | None = None
 
 
-def get_host() -> PluginHost:
-    """The process-wide plugin host, loaded from entry points on first use."""
+def get_host(tolerant: bool = False) -> PluginHost:
+    """The process-wide plugin host, loaded from entry points on first use. ``tolerant``
+    (``leaps plugins``) loads it with every problem a warning, whatever
+    ``LEAPS_STRICT_PLUGINS`` says, so that the problems can be shown."""
     global _HOST
     if _HOST is None:
-        host = PluginHost()
+        host = PluginHost(strict=False if tolerant else None)
         host.load_entry_points()
         _HOST = host
     return _HOST

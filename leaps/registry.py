@@ -317,9 +317,44 @@ class Registry:
                                  f" and in {source}; rename one of them")
             self.models[name] = parse_entry(str(name), raw, source)
 
-    def check_references(self, adapters: list[str]) -> None:
-        """Every entry names an installed adapter and a known verifier."""
+    def add_plugin(self, name: str, plugin: Any, host: Any) -> None:
+        """The entries of one plugin's ``leaps_register_models`` hook, all or none: a hook
+        that raises, an unreadable registry file, an invalid entry or one whose name is taken
+        skips that plugin's entries with a warning naming the plugin and the problem (an error
+        under ``LEAPS_STRICT_PLUGINS``); the other plugins' entries are kept."""
+        hook = host.pm.hook.leaps_register_models
+        if not any(impl.plugin is plugin for impl in hook.get_hookimpls()):
+            return
+        staged = Registry()
+        staged.models = dict(self.models)
+
+        def register(item: str | Path | dict[str, Any]) -> None:
+            if isinstance(item, dict):
+                staged.add_mapping(item, f"plugin {name!r}'s registry mapping")
+            else:
+                staged.add_file(item)
+
+        caller = host.pm.subset_hook_caller(
+            "leaps_register_models", remove_plugins=[p for p in host.pm.get_plugins()
+                                                     if p is not plugin])
+        try:
+            caller(register=register)
+            staged.check_references(sorted(host.adapters),
+                                    only=set(staged.models) - set(self.models))
+        except Exception as exc:  # a hook that raises or a bad file: this plugin's problem
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            reason = text if isinstance(exc, LeapsError) else \
+                f"raised {type(exc).__name__}: {text}".rstrip(": ")
+            host.plugin_problem(name, f"contributes no models: {reason}")
+            return
+        self.models = staged.models
+
+    def check_references(self, adapters: list[str], only: set[str] | None = None) -> None:
+        """Every entry (of ``only``, if given) names an installed adapter and a known
+        verifier."""
         for spec in self.models.values():
+            if only is not None and spec.name not in only:
+                continue
             if spec.adapter not in adapters:
                 close = difflib.get_close_matches(spec.adapter, adapters, n=2)
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -373,7 +408,10 @@ def missing_requirements(spec: ModelSpec) -> str | None:
         return spec.unavailable
     from leaps.plugins import get_host
 
-    adapter = get_host().adapter(spec.adapter)
+    host = get_host()
+    if spec.adapter in host.clashes:
+        return host.clash_message(spec.adapter)
+    adapter = host.adapter(spec.adapter)
     missing = sorted({extra for module, extra in adapter.requires.items()
                       if importlib.util.find_spec(module) is None})
     if missing:
@@ -394,15 +432,11 @@ def load_registry() -> Registry:
         host = get_host()
         registry = Registry()
         registry.add_file(Path(str(resources.files("leaps") / "registry.yaml")))
-
-        def register(item: str | Path | dict[str, Any]) -> None:
-            if isinstance(item, dict):
-                registry.add_mapping(item, "a plugin's registry mapping")
-            else:
-                registry.add_file(item)
-
-        host.pm.hook.leaps_register_models(register=register)
         registry.check_references(sorted(host.adapters))
+        for name, plugin in host.pm.list_name_plugin():
+            if name is None or host.pm.is_blocked(name):
+                continue
+            registry.add_plugin(name, plugin, host)
         _REGISTRY = registry
     return _REGISTRY
 
