@@ -358,7 +358,15 @@ class Inverter:
 
 
 def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+    _line(sys.stderr, f"warning: {message}")
+
+
+def _line(stream: Any, text: str) -> None:
+    """Write ``text`` and its newline in one write, flushed: ``print`` on a terminal writes
+    them separately, and the lines of torchrun's processes, which share the terminal, would
+    interleave mid-line."""
+    stream.write(f"{text}\n")
+    stream.flush()
 
 
 def check_stimulus_predictions(inverter: Inverter, stimulus_names: Sequence[Sequence[str]],
@@ -884,8 +892,8 @@ class _progress:
             elif plain and (step - self.printed >= self.total / 20 or step >= self.total):
                 self.printed = step
                 rate = (time.perf_counter() - self.began) / max(1, step - self.start)
-                print(f"{self.label} {step}/{self.total} ({step / self.total:.0%}, "
-                      f"{rate * (self.total - step):.0f} s left) {text}", flush=True)
+                _line(sys.stdout, f"{self.label} {step}/{self.total} "
+                      f"({step / self.total:.0%}, {rate * (self.total - step):.0f} s left) {text}")
         return update
 
     def __exit__(self, *exc: object) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from leaps.batches import BatchFiles, plan_batches
+from leaps.invert import _progress, warn
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 LEAPS = str(Path(sys.executable).with_name("leaps"))
@@ -23,9 +25,11 @@ RUN = ["invert", "--model", "demo.resnet3d", "--target", "all", "--samples", "2"
        "--verifier", "self"]
 
 
-def torchrun(*args: str, **kwargs) -> subprocess.Popen:
+def torchrun(*args: str, module: bool = False, **kwargs) -> subprocess.Popen:
+    """``torchrun --nproc-per-node 2 --no-python leaps ARGS`` (``module``: ``-m leaps ARGS``)."""
+    program = ["-m", "leaps"] if module else ["--no-python", LEAPS]
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc-per-node", "2", "--no-python", LEAPS, *map(str, args)],
+                             "--nproc-per-node", "2", *program, *map(str, args)],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **kwargs)
 
@@ -47,6 +51,33 @@ def one_process(tmp_path_factory) -> Path:
     return out
 
 
+def test_progress_and_warning_lines_are_one_write_each(monkeypatch):
+    """torchrun's processes share the terminal: ``print`` there writes a line's text and its
+    newline separately, and two ranks' lines ran together mid-line."""
+
+    class Stream:
+        def __init__(self) -> None:
+            self.writes: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            self.writes.append("<flush>")
+
+    out, err = Stream(), Stream()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    with _progress(True, 2, 0, "leaps rank 1/2", plain=True) as update:
+        update(2, {"total": 1.0, "target_prob": 0.5})
+    warn("stimulus x is classified as 'y'")
+    assert len(out.writes) == 2 and out.writes[1] == "<flush>", out.writes
+    assert out.writes[0].startswith("leaps rank 1/2 2/2 (100%") and out.writes[0].endswith(
+        "total=1 p(target)=0.50\n")
+    assert err.writes == ["warning: stimulus x is classified as 'y'\n", "<flush>"]
+
+
 def test_batches_cut_targets_x_samples_in_order():
     batches = plan_batches(targets=3, samples=2, batch_size=4)
     assert [b.clips for b in batches] == [((0, 0), (0, 1), (1, 0), (1, 1)), ((2, 0), (2, 1))]
@@ -60,6 +91,11 @@ def test_torchrun_writes_the_run_one_process_writes(one_process, tmp_path):
     assert proc.returncode == 0, stderr
     assert (video(out) - video(one_process)).abs().max() <= 1e-5
     assert stdout.count(f"{out}: 16 clip(s)") == 1  # rank 0 reports the run
+    # Progress: whole lines, each naming its rank and batch, nothing run together.
+    progress = stdout.splitlines()[:-1]
+    assert len(progress) == 4 * 12 and all(
+        re.fullmatch(r"leaps rank [01]/2 demo\.resnet3d batch [1-4]/4 \d+/24 \(\d+%, \d+ s left\)"
+                     r"( \S+=\S+)+", line) for line in progress), stdout
     record = json.loads((out / "run.json").read_text())
     single = json.loads((one_process / "run.json").read_text())
     assert record["status"] == "done" and record["world_size"] == 2
@@ -121,7 +157,7 @@ def test_sweep_shares_every_model_batch_and_skips_what_is_done(tmp_path):
     plan = tmp_path / "plan.yaml"
     plan.write_text(PLAN)
     out = tmp_path / "sweep"
-    proc = torchrun("sweep", plan, "--out", out, "--quiet")
+    proc = torchrun("sweep", plan, "--out", out, "--quiet", module=True)  # python -m leaps
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     runs = sorted(p.name for p in out.iterdir() if p.is_dir())
