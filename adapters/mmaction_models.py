@@ -102,6 +102,7 @@ def import_mmaction_models() -> None:
         package.drn = module  # type: ignore[attr-defined]
         sys.modules.setdefault(_DRN_PACKAGE, package)
         sys.modules.setdefault(f"{_DRN_PACKAGE}.drn", module)
+    _skip_multimodal_on_transformers_5()
     with warnings.catch_warnings():
         # mmcv-lite has no compiled ops; mmaction warns about one that no recognizer uses.
         warnings.filterwarnings("ignore", message=".*MultiScaleDeformableAttention")
@@ -111,6 +112,23 @@ def import_mmaction_models() -> None:
     if stand_in and "DRN" not in MODELS.module_dict:
         # A config naming the DRN localizer then fails with the reason, not "not registered".
         MODELS.register_module(name="DRN", module=_MissingDRN)
+
+
+def _skip_multimodal_on_transformers_5() -> None:
+    """mmaction2 1.2.0 imports its VindLU retrieval models whenever transformers >= 4.28 is
+    installed, and they import names transformers 5 removed (apply_chunking_to_forward), which
+    breaks ``import mmaction.models``. With transformers 5 (leaps[transformers]) mmaction's own
+    placeholders stand in for those multimodal models; no recognizer uses them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major = int(version("transformers").split(".")[0])
+    except (PackageNotFoundError, ValueError):
+        return
+    if major >= 5:
+        import mmaction.utils.dependency as dependency
+
+        dependency.WITH_MULTIMODAL = False
 
 
 # -- configs --------------------------------------------------------------------------------
@@ -226,7 +244,8 @@ class MmactionAdapter(Adapter):
       size_options: config fields that must follow the entry's ``frames`` / ``size``.
     """
 
-    requires: ClassVar[dict[str, str]] = {"mmaction": "mmaction", "mmengine": "mmaction"}
+    requires: ClassVar[dict[str, str]] = {"mmaction": "leaps[mmaction]",
+                                             "mmengine": "leaps[mmaction]"}
     checkpoint_format: ClassVar[str] = (
         "an mmengine checkpoint ({'meta': ..., 'state_dict': recognizer weights}) as mmaction2 "
         "publishes and trains them, or a plain state dict with the recognizer's keys")

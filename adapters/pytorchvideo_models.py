@@ -62,7 +62,7 @@ class PytorchvideoAdapter(Adapter):
     how YAML lists reach it, and implement :meth:`taps`.
     """
 
-    requires: ClassVar[dict[str, str]] = {"pytorchvideo": "pytorchvideo"}
+    requires: ClassVar[dict[str, str]] = {"pytorchvideo": "leaps[pytorchvideo]"}
     checkpoint_format = ("pytorchvideo's hub format ({'model_state': state dict}, .pyth) or a "
                          "plain state dict")
     builder: ClassVar[str] = ""

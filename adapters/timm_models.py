@@ -121,7 +121,7 @@ class FramesAdapter(Adapter):
     """A timm image model applied frame by frame; clip logits are the mean over frames."""
 
     name = "timm.frames"
-    requires: ClassVar[dict[str, str]] = {"timm": "timm"}
+    requires: ClassVar[dict[str, str]] = {"timm": "leaps[timm]"}
     checkpoint_format = ("a timm state dict (.pth/.bin by torch.save, or .safetensors), or a "
                          "training checkpoint nesting one under 'state_dict'/'state_dict_ema' "
                          "(strip pickled training args first with timm's clean_checkpoint.py)")

@@ -17,6 +17,7 @@ default that fits most families. ``docs/writing_adapters.md`` walks through a co
 from __future__ import annotations
 
 import hashlib
+import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,14 +58,29 @@ def as_video(output: Any) -> Tensor:
     return output
 
 
-def tokens_to_video(tokens: Tensor, grid: tuple[int, int, int], prefix: int = 0) -> Tensor:
+def tokens_to_video(tokens: Tensor, grid: tuple[int, int, int], prefix: int = 0,
+                    order: str = "thw") -> Tensor:
     """``[B, prefix + T*H*W, C]`` tokens -> ``[B, C, T, H, W]``, dropping the ``prefix`` class
-    tokens."""
-    t, h, w = grid
+    tokens.
+
+    ``grid`` is ``(T, H, W)`` of the patch grid whatever the order. ``order`` names the token
+    sequence's axes from the slowest to the fastest: ``"thw"`` (time-major: all patches of the
+    first frame, then the second frame's ... - ViViT, VideoMAE, Video Swin flattened) or
+    ``"hwt"`` (space-major: every frame of the first patch, then the next patch - TimeSformer's
+    divided space-time layout). Reading tokens in the wrong order scrambles the grid without any
+    shape error; the conformance suite's locality check catches it.
+    """
+    if sorted(order) != ["h", "t", "w"]:
+        raise ValueError(f"order must be a permutation of 't', 'h', 'w', got {order!r}")
+    sizes = dict(zip("thw", grid))
     tokens = tokens[:, prefix:]
-    if tokens.shape[1] != t * h * w:
-        raise ValueError(f"{tokens.shape[1]} tokens do not fit the patch grid {t}x{h}x{w}")
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], t, h, w)
+    if tokens.shape[1] != sizes["t"] * sizes["h"] * sizes["w"]:
+        raise ValueError(f"{tokens.shape[1]} tokens do not fit the patch grid "
+                         f"{sizes['t']}x{sizes['h']}x{sizes['w']}")
+    batch, channels = tokens.shape[0], tokens.shape[2]
+    laid_out = tokens.reshape(batch, *(sizes[axis] for axis in order), channels)
+    # -> [B, C, T, H, W]: channels first, then the grid axes in t, h, w order
+    return laid_out.permute(0, 4, *(1 + order.index(axis) for axis in "thw"))
 
 
 def channels_last_to_video(x: Tensor) -> Tensor:
@@ -165,9 +181,14 @@ class Adapter:
 
     Class attributes:
       name: ``"<plugin>.<family>"``, e.g. ``"torchvision.r3d"``.
-      requires: importable module -> pip extra that provides it; ``leaps models`` reports an
-        entry as unusable (with the ``pip install`` line) while a module is missing.
+      requires: importable module -> the pip requirement that provides it (``"transformers"``,
+        ``"mmaction2==1.2.0"``; leaps' built-in adapters name their extra, ``"leaps[timm]"``).
+        ``leaps models`` reports an entry as unusable while a module is missing and prints
+        ``pip install '<requirement>'``.
       checkpoint_format: a short description of the native checkpoint format it loads.
+      checkpoint_files: file names looked for, in this order, when ``--checkpoint`` is a folder
+        (what a library's saver writes, e.g. ``("model.safetensors", "pytorch_model.bin")`` of a
+        Hugging Face ``save_pretrained`` folder); empty: checkpoints are single files.
       checkpoint_safe_globals: what ``torch.load(weights_only=True)`` may unpickle besides
         tensors and containers - the family's checkpoints carry more than weights (training
         bookkeeping such as numpy scalars or a library's own classes). Entries are what
@@ -180,6 +201,7 @@ class Adapter:
     requires: ClassVar[dict[str, str]] = {}
     checkpoint_format: ClassVar[str] = "a state dict saved by torch.save (.pth) or safetensors"
     checkpoint_safe_globals: ClassVar[list[Any]] = []
+    checkpoint_files: ClassVar[tuple[str, ...]] = ()
 
     # -- what a family implements ------------------------------------------------------
     def create(self, arch: dict[str, Any], num_classes: int, spec: InputSpec) -> nn.Module:
@@ -203,8 +225,15 @@ class Adapter:
         """Name of the default Grad-CAM target: the last tap."""
         return taps[-1].name
 
-    def state_dict_from_checkpoint(self, obj: Any) -> dict[str, Tensor]:
-        """Pull the weights out of a loaded checkpoint object (family formats differ)."""
+    def state_dict_from_checkpoint(self, obj: Any, net: nn.Module | None = None
+                                   ) -> dict[str, Tensor]:
+        """Pull the weights out of a loaded checkpoint object (family formats differ).
+
+        ``net`` is the network being loaded (already built): a family whose files use other key
+        names than its modules (a library's on-disk renames, a prefix) maps them with it. An
+        override may leave ``net`` out of its signature (the original contract); it is then
+        called with ``obj`` alone.
+        """
         if isinstance(obj, dict):
             for key in ("state_dict", "model_state", "model"):
                 if key in obj and isinstance(obj[key], dict):
@@ -215,13 +244,50 @@ class Adapter:
         """Write ``net`` in the family's native checkpoint format."""
         torch.save(net.state_dict(), path)
 
+    def save_native(self, net: nn.Module, directory: Path) -> Path | None:
+        """Save ``net`` with the model library's *own* saver (not leaps' code) under
+        ``directory`` and return what a user passes to ``--checkpoint`` (a file or a folder).
+
+        The conformance suite loads it back: real checkpoints come from the library's saver,
+        so this is the round trip that shows real files load. None (the default): the family
+        has no saver of its own beyond :meth:`save_checkpoint`.
+        """
+        return None
+
+    def arch_from_checkpoint(self, arch: dict[str, Any], path: Path) -> dict[str, Any]:
+        """The architecture arguments to build for checkpoint ``path`` (the file
+        :meth:`checkpoint_file` picked): by default the entry's ``arch``. A family whose
+        checkpoints carry their configuration (a ``config.json`` beside the weights) merges it
+        in, so a fine-tune of another size needs no registry entry of its own."""
+        return arch
+
     # -- the template the core calls ----------------------------------------------------
-    def load_checkpoint(self, net: nn.Module, path: str | Path) -> None:
-        """Load a native checkpoint into ``net`` without executing code from the file."""
+    def checkpoint_file(self, path: str | Path) -> Path:
+        """The file :meth:`load_checkpoint` reads for ``path``: the path itself, or inside a
+        folder the first of :attr:`checkpoint_files` that exists (its sha256 is what a run
+        records)."""
         path = Path(path)
+        if path.is_dir():
+            if not self.checkpoint_files:
+                raise LeapsError(f"checkpoint {path} is a folder; {self.name} loads a file "
+                                 f"({self.checkpoint_format}): pass the file to --checkpoint")
+            for name in self.checkpoint_files:
+                if (path / name).is_file():
+                    return path / name
+            raise LeapsError(f"checkpoint folder {path} holds none of "
+                             f"{', '.join(self.checkpoint_files)}; pass the folder the "
+                             "library saved (or one of those files) to --checkpoint")
         if not path.is_file():
-            raise LeapsError(f"checkpoint {path} does not exist; pass an existing file to "
-                             "--checkpoint")
+            raise LeapsError(f"checkpoint {path} does not exist; pass an existing file"
+                             + (" or folder" if self.checkpoint_files else "")
+                             + " to --checkpoint")
+        return path
+
+    def load_checkpoint(self, net: nn.Module, path: str | Path) -> None:
+        """Load a native checkpoint (a file, or a folder holding one of
+        :attr:`checkpoint_files`) into ``net`` without executing code from the file."""
+        given = Path(path)
+        path = self.checkpoint_file(given)
         try:
             if path.suffix == ".safetensors":
                 from safetensors.torch import load_file
@@ -233,11 +299,25 @@ class Adapter:
         except Exception as exc:  # noqa: BLE001 - whatever a bad file makes the loader raise
             raise LeapsError(f"cannot read checkpoint {path} ({_load_failure(exc)}); "
                              f"{self.name} loads {self.checkpoint_format}") from None
-        state = self.state_dict_from_checkpoint(obj)
+        state = self._state_dict(obj, net)
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
             raise LeapsError(f"checkpoint {path} holds no state dict of tensors; {self.name} "
                              f"loads {self.checkpoint_format}")
         load_state_dict_checked(net, state, str(path))
+
+    def _state_dict(self, obj: Any, net: nn.Module) -> Any:
+        """:meth:`state_dict_from_checkpoint`, handed ``net`` when its signature takes it."""
+        try:
+            params = inspect.signature(self.state_dict_from_checkpoint).parameters
+        except (TypeError, ValueError):
+            params = {}
+        takes_net = "net" in params or len([
+            p for p in params.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) >= 2 or any(
+            p.kind is p.VAR_POSITIONAL for p in params.values())
+        if takes_net:
+            return self.state_dict_from_checkpoint(obj, net)
+        return self.state_dict_from_checkpoint(obj)
 
     def build(self, spec: ModelSpec, checkpoint: str | Path | None = None,
               labels: tuple[str, ...] | None = None) -> VideoClassifier:
@@ -247,11 +327,14 @@ class Adapter:
         classifier is then sized to it.
         """
         input_spec = spec.input_spec(labels)
-        net = self.create(dict(spec.arch), len(input_spec.labels), input_spec)
+        arch = dict(spec.arch)
+        if checkpoint is not None:
+            arch = self.arch_from_checkpoint(arch, self.checkpoint_file(checkpoint))
+        net = self.create(dict(arch), len(input_spec.labels), input_spec)
         if checkpoint is not None:
             self.load_checkpoint(net, checkpoint)
         net.eval()
-        taps = self.taps(net, dict(spec.arch), input_spec)
+        taps = self.taps(net, dict(arch), input_spec)
         if not taps:
             raise LeapsError(f"adapter {self.name} found no taps in {spec.name}")
         classifier = VideoClassifier(net, input_spec, taps, self.norm_layers(net),
@@ -307,6 +390,18 @@ def _only_the_head_differs(own: dict[str, Tensor], state: dict[str, Tensor],
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
     return set(wrong) <= set(head) and all(
         state[k].shape[1:] == own[k].shape[1:] for k in wrong)
+
+
+def checkpoint_sha256(adapter: str, path: str | Path) -> str | None:
+    """sha256 of the file adapter ``adapter`` loads for checkpoint ``path`` (inside a folder:
+    the weights file it picks), or None when there is none."""
+    from leaps.plugins import get_host
+
+    try:
+        file = get_host().adapter(adapter)().checkpoint_file(path)
+    except LeapsError:
+        return None
+    return sha256_file(file)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -72,6 +72,13 @@ def _console() -> Any:
     return Console()
 
 
+def escape(text: str) -> str:
+    """``text`` as rich shows it literally (``[extra]`` is not read as markup)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
 def _table(title: str, columns: list[str]) -> Any:
     from rich.table import Table
 
@@ -101,9 +108,9 @@ def plugins(as_json: bool) -> None:
         for row in rows:
             status = ("ok" if row["loaded"] and not row["problems"] else
                       ("not loaded: " if not row["loaded"] else "") + "\n".join(row["problems"]))
-            table.add_row(row["name"], row["distribution"], row["version"],
-                          "\n".join(row["hooks"]) or "-", "\n".join(row["adapters"]) or "-",
-                          status)
+            table.add_row(*map(escape, (row["name"], row["distribution"], row["version"],
+                                        "\n".join(row["hooks"]) or "-",
+                                        "\n".join(row["adapters"]) or "-", status)))
         _console().print(table)
     problems = len({problem for info in infos for problem in info.problems})
     if problems and strict_mode():
@@ -143,10 +150,12 @@ def models(pattern: str | None, as_json: bool) -> None:
                    ["model", "adapter", "paper", "input", "labels", "verifier",
                     "λ1/λL/r", "usable"])
     for row in rows:
-        table.add_row(row["name"], row["adapter"], row["paper"] or "",
-                      f"{row['frames']}x{row['size']}²", str(row["labels"]), row["verifier"],
-                      "{lambda_1:g}/{lambda_L:g}/{r:g}".format(**row["leaps"]),
-                      "yes" if row["usable"] else f"no: {row['why_not']}")
+        # escaped: rich would read "[transformers]" of a pip line as markup and drop it
+        table.add_row(*map(escape, (
+            row["name"], row["adapter"], row["paper"] or "",
+            f"{row['frames']}x{row['size']}²", str(row["labels"]), row["verifier"],
+            "{lambda_1:g}/{lambda_L:g}/{r:g}".format(**row["leaps"]),
+            "yes" if row["usable"] else f"no: {row['why_not']}")))
     _console().print(table)
 
 
@@ -155,22 +164,30 @@ def models(pattern: str | None, as_json: bool) -> None:
 @click.option("--model", help="Registry model name.")
 @click.option("--full-size", is_flag=True,
               help="Use the model's real input size instead of its small test size.")
-def layers(adapter: str | None, model: str | None, full_size: bool) -> None:
+@click.option("--checkpoint", help="Weights (file or folder) whose architecture to show; "
+                                   "implies --full-size.")
+@click.option("--labels", type=click.Path(), help="Class names, one a line (fine-tuned model).")
+def layers(adapter: str | None, model: str | None, full_size: bool, checkpoint: str | None,
+           labels: str | None) -> None:
     """Show a model's taps with their shapes, its norm layers and its Grad-CAM target."""
     import torch
 
     from leaps.registry import build_model
     from leaps.testing import capture_taps
 
-    classifier = build_model(model, adapter=adapter, reduced=not full_size)
+    reduced = not full_size and checkpoint is None
+    classifier = build_model(model, adapter=adapter, reduced=reduced, checkpoint=checkpoint,
+                             labels=labels)
     spec = classifier.spec
     video = torch.rand(1, *spec.shape)
     with torch.no_grad():
         logits, videos, _ = capture_taps(classifier, video)
     console = _console()
-    console.print(f"[bold]{classifier.model_name}[/bold] (adapter {classifier.adapter_name}), "
-                  f"input 1x3x{spec.frames}x{spec.size}x{spec.size} -> logits "
-                  f"{tuple(logits.shape)}")
+    size = ("the reduced test size (--full-size shows the real one)" if reduced
+            else "full size")
+    console.print(escape(f"{classifier.model_name} (adapter {classifier.adapter_name}) at "
+                         f"{size}: input 1x3x{spec.frames}x{spec.size}x{spec.size} -> logits "
+                         f"{tuple(logits.shape)}"))
     table = _table(f"taps ({len(classifier.taps)})", ["#", "tap", "module", "[B, C, T, H, W]"])
     for i, (tap, out) in enumerate(zip(classifier.taps, videos), 1):
         table.add_row(str(i), tap.name, type(tap.module).__name__, str(list(out.shape)))

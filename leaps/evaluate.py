@@ -244,14 +244,17 @@ def _run_model(run: Run, models: _Models) -> Any:
     record = run.record
     checkpoint = record.get("checkpoint")
     if checkpoint and checkpoint != "registry":  # "registry": the entry's own weights
-        from leaps.adapter import sha256_file
+        from leaps.adapter import checkpoint_sha256
 
         file = Path(checkpoint)
-        if not file.is_file():
+        if not file.exists():
             raise LeapsError(f"{run.path}: the run's checkpoint {checkpoint} is not found; run "
                              "`leaps evaluate` from the directory the inversion ran in")
         expected = record.get("checkpoint_sha256")
-        if expected and sha256_file(file) != expected:
+        from leaps.registry import load_registry
+
+        adapter = record.get("adapter") or load_registry().get(record["model"]).adapter
+        if expected and checkpoint_sha256(adapter, file) != expected:
             raise LeapsError(f"{run.path}: checkpoint {checkpoint} changed since the run "
                              "(sha256 differs); restore the weights the run used")
     try:

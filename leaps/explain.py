@@ -153,7 +153,7 @@ def explain_videos(videos: Sequence[str | Path], model: str | None = None, *,
     this module's docstring are written (atomically, as one directory); without it nothing is
     written. Raises :class:`LeapsError` (nothing written) for any bad input.
     """
-    from leaps.adapter import sha256_file
+    from leaps.adapter import checkpoint_sha256
     from leaps.attribution import GradCAM, get_method, heatmap
     from leaps.invert import resolve_device, resolve_target
     from leaps.plugins import get_host
@@ -207,8 +207,8 @@ def explain_videos(videos: Sequence[str | Path], model: str | None = None, *,
         weights = str(spec.checkpoint_path()) if spec.checkpoint_path() else None
     common = {
         "model": spec.name, "adapter": spec.adapter, "checkpoint": weights,
-        "checkpoint_sha256": (sha256_file(weights)
-                              if weights and Path(weights).is_file() else None),
+        "checkpoint_sha256": (checkpoint_sha256(spec.adapter, weights)
+                              if weights and Path(weights).exists() else None),
         "labels": str(labels) if labels else None, "reduced": reduced,
         "input": {"frames": fs.frames, "size": fs.size},
         "method": method_cls.name, "parameters": parameters,

@@ -707,7 +707,7 @@ def prepare_run(model: str | None = None, *, adapter: str | None = None,
     write run.json: everything :func:`invert` does before the optimisation. The run
     directory's lock is appended to ``held`` (the caller releases it)."""
     from leaps import runs
-    from leaps.adapter import sha256_file
+    from leaps.adapter import checkpoint_sha256
     from leaps.batches import BatchFiles, Processes, on_rank0, plan_batches
     from leaps.files import WriteError
     from leaps.plugins import get_host
@@ -801,8 +801,8 @@ def prepare_run(model: str | None = None, *, adapter: str | None = None,
         "format": runs.RUN_FORMAT, "status": "running", "adapter": spec.adapter,
         "model": spec.name,
         "checkpoint": str(checkpoint) if checkpoint else None,
-        "checkpoint_sha256": (sha256_file(checkpoint)
-                              if checkpoint and Path(str(checkpoint)).is_file() else None),
+        "checkpoint_sha256": (checkpoint_sha256(spec.adapter, checkpoint)
+                              if checkpoint and Path(str(checkpoint)).exists() else None),
         "labels": str(labels) if labels else None, "verifier": verifier_name,
         "reduced": reduced, "targets": [str(t) for t in targets],
         "target_indices": indices, "target_names": [class_names[i] for i in indices],

@@ -412,12 +412,19 @@ def missing_requirements(spec: ModelSpec) -> str | None:
     if spec.adapter in host.clashes:
         return host.clash_message(spec.adapter)
     adapter = host.adapter(spec.adapter)
-    missing = sorted({extra for module, extra in adapter.requires.items()
-                      if importlib.util.find_spec(module) is None})
+    missing = list(dict.fromkeys(requirement for module, requirement in adapter.requires.items()
+                                 if not _importable(module)))
     if missing:
         return (f"needs {', '.join(adapter.requires)}: pip install "
-                f"'leaps[{','.join(missing)}]'")
+                + " ".join(f"'{requirement}'" for requirement in missing))
     return None
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that is missing or broken
+        return False
 
 
 _REGISTRY: Registry | None = None

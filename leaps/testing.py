@@ -184,6 +184,161 @@ def check_checkpoint_round_trip(spec: ModelSpec, directory: Path) -> None:
         f"(max abs diff {(a - b).abs().max().item():.3g})")
 
 
+def _corner_cells(model: VideoClassifier, shape: Sequence[int]) -> tuple[slice, slice, slice]:
+    """The input region that maps onto cell (last frame, top row, right column) of a tap grid
+    ``(T', H', W')``: one cell's share of the clip, at an asymmetric corner (a swap of H and W
+    or of time and space moves it elsewhere)."""
+    spec = model.spec
+    t, h, w = shape
+    ct, ch, cw = (-(-spec.frames // t), -(-spec.size // h), -(-spec.size // w))
+    return (slice(spec.frames - ct, spec.frames), slice(0, ch), slice(spec.size - cw, spec.size))
+
+
+def early_taps(model: VideoClassifier, grids: Sequence[tuple[int, ...]]) -> list[int]:
+    """Indices of the taps the locality check reads: those of the first quarter (at least the
+    first tap) still on the first tap's grid - before pooling or strides mix cells."""
+    return [i for i in range(max(1, len(model.taps) // 4)) if grids[i] == grids[0]]
+
+
+def check_tap_locality(model: VideoClassifier) -> None:
+    """A change in one corner of the clip (the last frames, top rows, right columns) moves
+    that corner's cell of each early tap more than any other cell.
+
+    Catches taps laid onto their grid wrongly: tokens read in the wrong order (time-major
+    vs space-major), H and W swapped, time reversed. Checked on early taps, where a cell still
+    sees mostly its own part of the clip."""
+    name = model.model_name
+    video = reduced_input(model, batch=1)
+    with torch.no_grad():
+        _, before, _ = capture_taps(model, video)
+    for index in early_taps(model, [tuple(v.shape[2:]) for v in before]):
+        tap, out = model.taps[index], before[index]
+        grid = tuple(out.shape[2:])
+        region = _corner_cells(model, grid)
+        changed = video.clone()
+        changed[:, :, region[0], region[1], region[2]] = 1 - changed[:, :, region[0], region[1],
+                                                                     region[2]]
+        with torch.no_grad():
+            _, after, _ = capture_taps(model, changed)
+        moved = (after[index] - out).float().abs().sum(dim=(0, 1))  # [T', H', W']
+        assert moved.max() > 0, (f"{name}: tap {tap.name} does not change when the clip "
+                                 "changes; is it tapping the right module?")
+        expected = (grid[0] - 1, 0, grid[2] - 1)
+        # Where the change sits: its centre of mass (weighted by the squared change, so the
+        # peak counts most). A receptive field can put the peak one cell off the corner; a
+        # misread grid puts the change in the wrong half of an axis.
+        weight = moved.pow(2) / moved.pow(2).sum()
+        centre = [float((weight.sum(dim=tuple(d for d in range(3) if d != axis))
+                         * torch.arange(size, dtype=weight.dtype)).sum())
+                  for axis, size in enumerate(grid)]
+        wrong = [axis for axis, size in zip("thw", grid)
+                 if size > 1 and abs(centre["thw".index(axis)] - expected["thw".index(axis)])
+                 > (size - 1) / 2]
+        assert not wrong, (
+            f"{name}: tap {tap.name} is laid onto its [T, H, W] grid {list(grid)} wrongly: "
+            "changing the clip's last frames, top rows and right columns moved the cells "
+            f"around (t, h, w) = ({', '.join(f'{c:.1f}' for c in centre)}), not those near "
+            f"{expected} (wrong along {', '.join(wrong)}). Token order (time-major 'thw' vs "
+            "space-major 'hwt': tokens_to_video(order=...)), an H/W swap or reversed time in "
+            "its to_video conversion do this")
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList)
+
+
+def check_taps_cover_blocks(model: VideoClassifier) -> None:
+    """Where a tap is one of a run of repeated blocks (children of one Sequential/ModuleList
+    of one class), every block of that run is tapped: LEAPS primes every layer, not a
+    selection (the last block alone is the official code's defect)."""
+    name = model.model_name
+    tapped = {id(tap.module) for tap in model.taps}
+    names = {id(module): n for n, module in model.net.named_modules()}
+    contains_tap: dict[int, bool] = {}
+
+    def has_tap(module: nn.Module) -> bool:
+        key = id(module)
+        if key not in contains_tap:
+            contains_tap[key] = key in tapped or any(has_tap(c) for c in module.children())
+        return contains_tap[key]
+
+    for container_name, container in model.net.named_modules():
+        if not isinstance(container, _CONTAINERS) or id(container) in tapped:
+            continue
+        children = list(container.children())
+        for cls in {type(c) for c in children if has_tap(c)}:
+            run = [c for c in children if type(c) is cls]
+            missing = [names.get(id(c), "?") for c in run if not has_tap(c)]
+            assert not missing, (
+                f"{name}: taps cover only {len(run) - len(missing)} of the {len(run)} "
+                f"{cls.__name__} blocks of {container_name or 'the network'}; untapped: "
+                f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}. List every "
+                "block as a tap (LEAPS primes all layers), not the last one or a selection")
+
+
+def check_native_checkpoint(spec: ModelSpec, directory: Path) -> bool:
+    """A checkpoint written by the model library's *own* saver (``Adapter.save_native``) loads
+    through ``--checkpoint`` to identical logits. Returns False when the adapter has no such
+    saver (nothing to check)."""
+    adapter = get_host().adapter(spec.adapter)()
+    reduced = spec.at_reduced_size()
+    torch.manual_seed(3)
+    first = adapter.build(reduced)
+    with torch.no_grad():
+        for layer in first.norm_layers:
+            if layer.has_stats:
+                layer.running_mean.uniform_(-0.1, 0.1)
+                layer.running_var.uniform_(0.5, 1.5)
+    saved = adapter.save_native(first.net, directory)
+    if saved is None:
+        return False
+    torch.manual_seed(4)
+    try:
+        second = adapter.build(reduced, checkpoint=saved)
+    except Exception as exc:  # noqa: BLE001 - the message is the finding
+        raise AssertionError(
+            f"{spec.name}: a checkpoint saved by the library's own saver ({Path(saved).name}) "
+            f"does not load through --checkpoint: {exc}") from None
+    video = reduced_input(first)
+    with torch.no_grad():
+        a, b = first(video), second(video)
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (
+        f"{spec.name}: a checkpoint saved by the library's own saver ({Path(saved).name}) "
+        f"loads, but its logits differ (max abs diff {(a - b).abs().max().item():.3g}): "
+        "weights were left at their initial values or mapped onto the wrong modules")
+    return True
+
+
+HEAVY_LIBRARIES = ("transformers", "timm", "mmaction", "mmengine", "mmcv", "pytorchvideo",
+                   "torchvision.models", "captum")
+_IMPORT_CHECKED: dict[str, list[str]] = {}
+
+
+def check_lazy_imports(adapter: str) -> None:
+    """Importing the module that defines ``adapter`` (what every leaps start does) imports no
+    model library: those are imported inside ``create`` and the other methods, so
+    ``leaps --help`` stays fast and works while the library is missing."""
+    import subprocess
+    import sys
+
+    cls = get_host().adapter(adapter)
+    module = cls.__module__
+    heavy = sorted({*HEAVY_LIBRARIES, *cls.requires})
+    if module not in _IMPORT_CHECKED:
+        code = ("import importlib, json, sys; importlib.import_module(sys.argv[1]); "
+                "print(json.dumps(sorted(m for m in sys.argv[2:] if m in sys.modules)))")
+        proc = subprocess.run([sys.executable, "-c", code, module, *heavy],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (f"{adapter}: importing {module} fails: "
+                                      f"{proc.stderr.strip().splitlines()[-1:]}")
+        import json
+
+        _IMPORT_CHECKED[module] = json.loads(proc.stdout.strip().splitlines()[-1])
+    loaded = _IMPORT_CHECKED[module]
+    assert not loaded, (f"{adapter}: importing {module} imports {', '.join(loaded)} at top "
+                        "level; import model libraries inside create() (and the other "
+                        "methods), so that every leaps start stays fast and works without them")
+
+
 # -- pytest integration --------------------------------------------------------------------
 class AdapterConformance:
     """Subclass in a test module and set ``models``; pytest runs every check per model."""
@@ -212,6 +367,22 @@ class AdapterConformance:
     def test_checkpoint_round_trip(self, model_name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             check_checkpoint_round_trip(load_registry().get(model_name), Path(tmp))
+
+    def test_tap_locality(self, model_name: str) -> None:
+        check_tap_locality(_reduced(model_name))
+
+    def test_taps_cover_blocks(self, model_name: str) -> None:
+        check_taps_cover_blocks(_reduced(model_name))
+
+    def test_native_checkpoint(self, model_name: str) -> None:
+        import pytest
+
+        with tempfile.TemporaryDirectory() as tmp:
+            if not check_native_checkpoint(load_registry().get(model_name), Path(tmp)):
+                pytest.skip("the adapter has no library saver (save_native) of its own")
+
+    def test_lazy_imports(self, model_name: str) -> None:
+        check_lazy_imports(load_registry().get(model_name).adapter)
 
 
 _CACHE: dict[str, VideoClassifier] = {}

@@ -78,7 +78,7 @@ def test_plugins_lists_builtin_and_installed_third_party_plugins():
 
 class NeedsMissingLibrary(Adapter):
     name = "needy.net"
-    requires = {"leaps_no_such_module": "nosuchextra"}
+    requires = {"leaps_no_such_module": "leaps-no-such-package>=1.0"}
 
 
 NEEDY = InProcessPlugin([NeedsMissingLibrary], {"needy.net": {
@@ -87,10 +87,11 @@ NEEDY = InProcessPlugin([NeedsMissingLibrary], {"needy.net": {
     "leaps": {"lambda_1": 1.0, "lambda_L": 0.1, "r": 0.001}}})
 
 
-def test_entry_needing_a_missing_library_names_the_pip_extra():
+def test_entry_needing_a_missing_library_names_the_pip_requirement():
+    # a plugin's requirement is printed as it is, never as an extra of leaps
     with registered_plugin(NEEDY, "needy"):
         spec = load_registry().get("needy.net")
-        assert "pip install 'leaps[nosuchextra]'" in missing_requirements(spec)
+        assert "pip install 'leaps-no-such-package>=1.0'" in missing_requirements(spec)
         with pytest.raises(LeapsError, match=r"not usable here: needs leaps_no_such_module: "
-                                             r"pip install 'leaps\[nosuchextra\]'"):
+                                             r"pip install 'leaps-no-such-package>=1\.0'"):
             build_model("needy.net")
