@@ -182,3 +182,19 @@ def test_a_plan_with_an_unknown_option_is_one_line(tmp_path):
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "'iteration'" in proc.stderr and "iterations" in proc.stderr
     assert not (tmp_path / "sweep").exists()
+
+
+def test_the_example_plans_name_registry_models_and_valid_options():
+    from leaps.registry import load_registry
+    from leaps.sweep import read_plan
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    demo = read_plan(examples / "sweep_demo.yaml")
+    assert [r.name for r in demo] == [f"demo.{m}-seed{s}" for m in ("resnet3d", "x3d",
+                                                                     "r2plus1d", "mvit")
+                                      for s in (0, 1)]
+    kinetics = read_plan(examples / "sweep_kinetics.yaml")
+    assert len(kinetics) == 6 and {r.options["iterations"] for r in kinetics} == {2000}
+    registry = load_registry()
+    for run in demo + kinetics:
+        registry.get(run.model)  # raises for a name the registry lacks
