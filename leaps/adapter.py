@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from leaps.errors import LeapsError
+from leaps.files import load_torch_file, why_unreadable
 
 if TYPE_CHECKING:
     from leaps.registry import ModelSpec
@@ -294,10 +294,12 @@ class Adapter:
 
                 obj: Any = load_file(str(path))
             else:
-                with torch.serialization.safe_globals(self.checkpoint_safe_globals):
-                    obj = torch.load(path, map_location="cpu", weights_only=True)
+                obj = load_torch_file(path, self.checkpoint_safe_globals)
+        except LeapsError as exc:
+            raise LeapsError(f"cannot read checkpoint {path}: it {exc}; {self.name} loads "
+                             f"{self.checkpoint_format}") from None
         except Exception as exc:  # noqa: BLE001 - whatever a bad file makes the loader raise
-            raise LeapsError(f"cannot read checkpoint {path} ({_load_failure(exc)}); "
+            raise LeapsError(f"cannot read checkpoint {path}: it {why_unreadable(path, exc)}; "
                              f"{self.name} loads {self.checkpoint_format}") from None
         state = self._state_dict(obj, net)
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
@@ -341,20 +343,6 @@ class Adapter:
                                      self.gradcam_layer(net, taps), self.forward, self.name,
                                      spec.name)
         return classifier.eval()
-
-
-def _load_failure(exc: Exception) -> str:
-    """Why ``torch.load`` failed, in one line. torch's own first line only says that
-    weights-only loading failed (and suggests turning it off); the cause comes later."""
-    text = str(exc)
-    refused = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", text, re.IGNORECASE)
-    if refused:
-        return (f"it pickles {refused.group(1)}, which leaps does not unpickle: loading never "
-                "runs code from a checkpoint")
-    cause = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
-    if cause:
-        return f"not a checkpoint torch can read: {cause.group(1).strip()}"
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def load_state_dict_checked(net: nn.Module, state: dict[str, Tensor], source: str) -> None:

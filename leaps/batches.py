@@ -174,10 +174,13 @@ def on_rank0(processes: Processes, action: Any) -> Any:
 
 
 class BatchFiles:
-    """The per-batch files of a run directory (see the module's docstring)."""
+    """The per-batch files of a run directory (see the module's docstring). ``identity``
+    (:func:`leaps.runs.run_identity`) is saved with every state and result and, on reading
+    one, must match: a run is never continued or finished with another model's batches."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, identity: dict[str, Any] | None = None) -> None:
         self.dir = run_dir / BATCH_DIR
+        self.identity = identity
 
     def state_path(self, batch: Batch) -> Path:
         return self.dir / f"{batch.name}.state.pt"
@@ -189,33 +192,68 @@ class BatchFiles:
         from leaps.runs import write_state
 
         self.dir.mkdir(exist_ok=True)
-        write_state(self.state_path(batch), state)
+        write_state(self.state_path(batch), state, self.identity)
 
     def load_state(self, batch: Batch) -> Any:
-        from leaps.runs import read_state
+        """The batch's saved state, or None; a damaged, foreign or other model's state is a
+        LeapsError saying what to do."""
+        from leaps.runs import StateError, read_state
 
         path = self.state_path(batch)
-        return read_state(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return read_state(path, self.identity)
+        except StateError as exc:
+            raise self._cannot_use(exc, batch) from None
+
+    def _cannot_use(self, exc: Exception, batch: Batch) -> LeapsError:
+        from leaps.runs import IdentityError
+
+        run = self.dir.parent
+        if isinstance(exc, IdentityError):
+            return LeapsError(f"{exc}; the run cannot continue from it: restore run.json or the "
+                              "checkpoint as they were, or start a new run with another --out")
+        return LeapsError(f"{exc}; the run cannot continue from it: restore the file from a "
+                          f"copy, or delete it and `leaps invert --resume {run}` starts batch "
+                          f"{batch.index} over")
 
     def finish(self, batch: Batch, result: dict[str, Any]) -> None:
         """Mark ``batch`` done with its ``result`` (atomic), then drop its state."""
         from leaps.files import write_bytes
+        from leaps.runs import STATE_FORMAT
 
         self.dir.mkdir(exist_ok=True)
         buffer = io.BytesIO()
-        torch.save(result, buffer)
+        torch.save({**result, "format": STATE_FORMAT, "identity": self.identity}, buffer)
         write_bytes(self.done_path(batch), buffer.getvalue())
         self.state_path(batch).unlink(missing_ok=True)
 
     def result(self, batch: Batch) -> dict[str, Any] | None:
+        """The finished batch's result, or None; a damaged or other model's one is a
+        LeapsError saying what to do."""
+        from leaps.files import load_torch_file
+        from leaps.runs import STATE_FORMAT, StateError, check_identity
+
         path = self.done_path(batch)
         if not path.is_file():
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a damaged file: the batch is run again
-            raise LeapsError(f"{path} is damaged ({type(exc).__name__}); delete it and "
-                             f"`--resume` runs that batch again") from None
+            try:
+                result = load_torch_file(path)
+            except LeapsError as exc:
+                raise StateError(f"{path} {exc}") from None
+            keys = ("video", "steps", "history", "metrics", "clips")
+            if not isinstance(result, dict) or any(k not in result for k in keys):
+                raise StateError(f"{path} is not a finished batch of leaps (damaged or edited)")
+            if result.get("format") != STATE_FORMAT:
+                raise StateError(f"{path} is of another format ({result.get('format')!r}, this "
+                                 f"leaps reads {STATE_FORMAT})")
+            if self.identity is not None:
+                check_identity(path, result.get("identity"), self.identity)
+        except StateError as exc:
+            raise self._cannot_use(exc, batch) from None
+        return result
 
     def saved(self) -> bool:
         """Whether any batch has saved anything (a state or a result)."""

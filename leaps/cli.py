@@ -5,12 +5,14 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 
-from leaps.errors import LeapsError
+from leaps.errors import LeapsError, Terminated
 
 # Commands defined in their own modules, imported only when run (keeps `leaps --help` fast):
 # name -> (module:attribute, the one-line help `leaps --help` shows).
@@ -53,11 +55,42 @@ class LeapsGroup(click.Group):
             formatter.write_dl(sorted(rows))
 
     def invoke(self, ctx: click.Context) -> Any:
+        previous = _stop_on_sigterm()
         try:
             return super().invoke(ctx)
         except LeapsError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
+        except KeyboardInterrupt as exc:  # before a command could say more (while importing)
+            click.echo(f"{_stopped(exc)}; nothing was written", err=True)
+            ctx.exit(_exit_code(exc))
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm() -> Any:
+    """Make SIGTERM (a scheduler's stop, ``timeout``, ``docker stop``) raise
+    :class:`~leaps.errors.Terminated`, a KeyboardInterrupt: a command saves on it what it
+    saves on Ctrl-C. A second SIGTERM while saving is ignored. Returns the previous handler
+    (None where handlers cannot be set: not the main thread)."""
+    def terminate(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, terminate)
+    except ValueError:
+        return None
+
+
+def _stopped(exc: BaseException) -> str:
+    return "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+
+
+def _exit_code(exc: BaseException) -> int:
+    """128 + the signal's number, as a shell reports a process the signal ended."""
+    return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
 
 
 @click.group(cls=LeapsGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -267,11 +300,9 @@ def invert(model: str | None, adapter: str | None, targets: tuple[str, ...],
                                config=None if resume else InvertConfig(**given), out=out,
                                resume=resume, reduced=reduced, progress=not quiet,
                                changes=given if resume else None)
-    except KeyboardInterrupt:
-        where = resume or out
-        click.echo(f"interrupted; the state is saved: continue with `leaps invert --resume "
-                   f"{where}`", err=True)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as exc:
+        click.echo(f"{_stopped(exc)}; {runs.stopped_state(Path(resume or out))}", err=True)
+        raise SystemExit(_exit_code(exc)) from None
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return  # under torchrun rank 0 reports the run
     metrics = result.metrics

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -77,6 +76,7 @@ from torch import Tensor
 from leaps import metrics
 from leaps.datasets import MOTION_CLASSES, make_dataset
 from leaps.errors import LeapsError
+from leaps.files import load_torch_file
 from leaps.runs import RUN_FILE, RUN_FORMAT, expand_run_dirs
 
 VIDEO_FILE = "video.pt"
@@ -150,11 +150,9 @@ def load_run(run_dir: str | Path) -> Run:
         raise LeapsError(f"{path} is an incomplete run: {VIDEO_FILE} is missing; re-run "
                          "`leaps invert`")
     try:
-        video = torch.load(video_path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
-        # a truncated or foreign file: torch raises one of these, depending on the damage
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LeapsError(f"{video_path} cannot be read ({first}); re-run `leaps invert`") from None
+        video = load_torch_file(video_path)
+    except LeapsError as exc:  # a truncated, foreign or hostile file: never loaded unsafely
+        raise LeapsError(f"{video_path} cannot be read: it {exc}; re-run `leaps invert`") from None
     samples = int(record["config"].get("samples", 1))
     targets = [int(t) for t in record["target_indices"] for _ in range(samples)]
     frames, size = record["input"]["frames"], record["input"]["size"]

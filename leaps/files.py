@@ -149,3 +149,45 @@ def _read_only(path: Path) -> bool:
         return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
     except OSError:
         return False
+
+
+# --------------------------------------------------------------------------- reading torch files
+def load_torch_file(path: str | Path, safe_globals: list[object] | tuple[object, ...] = ()
+                    ) -> object:
+    """``torch.load(path, weights_only=True)`` on the CPU; any failure is a :class:`LeapsError`
+    whose message is :func:`why_unreadable` (the caller adds what the file is and what to do).
+
+    Every torch file leaps reads goes through here, so no message ever repeats torch's advice
+    to load a file with ``weights_only=False``: leaps never unpickles code from a file."""
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged or hostile file makes it raise
+        raise LeapsError(why_unreadable(Path(path), exc)) from None
+
+
+def why_unreadable(path: Path, exc: BaseException) -> str:
+    """Why a torch file could not be loaded, in a few words: empty, truncated, not a torch file,
+    pickling something leaps does not load. Never torch's own advice, which suggests the
+    unsafe load."""
+    import re
+
+    text = str(exc)
+    try:
+        empty = path.stat().st_size == 0
+    except OSError as error:
+        return f"cannot be read ({describe(error)[0]})"
+    if empty:
+        return "is empty (0 bytes)"
+    refused = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", text, re.IGNORECASE)
+    if refused:
+        return (f"pickles {refused.group(1)}, which leaps does not unpickle: loading never runs "
+                "code from a file")
+    if isinstance(exc, EOFError) or re.search(r"central directory|zip archive|PytorchStreamReader"
+                                              r"|unexpected EOF|truncated", text, re.IGNORECASE):
+        return "is truncated or damaged, not a complete torch file"
+    if isinstance(exc, OSError):
+        return f"cannot be read ({describe(exc)[0]})"
+    return f"is damaged or not a torch file ({type(exc).__name__} while unpickling it)"

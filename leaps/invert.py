@@ -321,6 +321,7 @@ class Inverter:
                 if step % config.log_every == 0 or step == config.iterations:
                     flush(step)
                 if on_save is not None and step % config.save_every == 0:
+                    flush(step)  # a saved state's history reaches its step (a kill loses none)
                     on_save(snapshot(step))
         except KeyboardInterrupt:
             # Keep only fully logged steps, so a resumed run repeats none and skips none.
@@ -735,7 +736,7 @@ def prepare_run(model: str | None = None, *, adapter: str | None = None,
         verifier, checkpoint, labels = saved["verifier"], saved["checkpoint"], saved["labels"]
         reduced = saved["reduced"]
         config = InvertConfig.from_dict(saved["config"])
-        batch_files = BatchFiles(run_dir)
+        batch_files = BatchFiles(run_dir, runs.resume_identity(saved))
         planned = plan_batches(len(saved["target_indices"]), config.samples, config.batch_size)
         done = batch_files.steps_done(planned)
         config, notes = config.resumed_with(changes, done)
@@ -842,7 +843,8 @@ def prepare_run(model: str | None = None, *, adapter: str | None = None,
         class_names=list(class_names), groups=groups, clips=clips, mirrors=mirrors,
         record=record, run_dir=run_dir, created=created, held=held,
         batches=plan_batches(len(indices), config.samples, config.batch_size),
-        files=BatchFiles(run_dir) if run_dir is not None else None, processes=processes,
+        files=(BatchFiles(run_dir, runs.run_identity(spec, checkpoint, reduced))
+               if run_dir is not None else None), processes=processes,
         on_warning=on_warning)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import platform
 import re
@@ -31,7 +32,13 @@ import torch
 from torch import Tensor
 
 from leaps.errors import LeapsError
-from leaps.files import WriteError, check_output_dir, write_bytes, write_text
+from leaps.files import (
+    WriteError,
+    check_output_dir,
+    load_torch_file,
+    write_bytes,
+    write_text,
+)
 from leaps.invert import TERMS, InversionState
 from leaps.video import atomic_path, save_tensor, write_gif, write_grid_png, write_mp4
 
@@ -62,18 +69,56 @@ def slug(text: str) -> str:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+    """Write ``data`` as strict JSON: a non-finite number (a diverged loss, an undefined
+    metric) is written as null, never as the ``NaN`` other JSON readers reject."""
+    write_text(path, json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+# What --resume reads from run.json.
+_RESUME_KEYS = ("model", "targets", "stimuli", "verifier", "checkpoint", "labels", "reduced",
+                "config", "target_indices", "status")
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
+    """The run.json of ``run_dir`` for ``--resume``: of this leaps' run format, with every
+    field a resume reads; anything else is a LeapsError naming the file and what is wrong."""
     path = run_dir / RUN_FILE
     if not path.is_file():
         raise LeapsError(f"{run_dir} is not a leaps run directory (no {RUN_FILE}); pass the "
                          "directory an earlier `leaps invert` wrote")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise LeapsError(f"{path} is not valid JSON ({exc}); the run cannot be resumed") from None
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0]
+        raise LeapsError(f"{path} is not valid JSON ({first}); the run cannot be resumed: "
+                         "restore the file, or start a new run with another --out") from None
+    except OSError as exc:
+        raise LeapsError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not isinstance(record, dict):
+        raise LeapsError(f"{path} is not a leaps run record (a JSON object); the run cannot be "
+                         "resumed: start a new run with another --out")
+    fmt = record.get("format")
+    if fmt != RUN_FORMAT:
+        what = "records no run format" if fmt is None else f"is of run format {fmt!r}"
+        raise LeapsError(f"{path} {what}; this leaps reads run format {RUN_FORMAT} (it was "
+                         "written by another leaps version, or edited): the run cannot be "
+                         "resumed here; start a new run with another --out")
+    missing = [key for key in _RESUME_KEYS if key not in record]
+    if missing:
+        raise LeapsError(f"{path} lacks {', '.join(map(repr, missing))} (edited or damaged); "
+                         "the run cannot be resumed: restore the file, or start a new run with "
+                         "another --out")
+    return record
 
 
 def expand_run_dirs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
@@ -112,6 +157,20 @@ def _existing_hint(path: Path) -> str:
             return "it holds a finished run; pass another --out"
         return f"pass another --out, or `--resume {path}` to continue that run"
     return "pass another --out (or a new or empty folder)"
+
+
+def stopped_state(run_dir: Path) -> str:
+    """What an interrupted ``leaps invert`` left in ``run_dir``, and what to do: only what is
+    true (nothing, a run that starts over, or saved steps to continue from)."""
+    from leaps.batches import BATCH_DIR
+
+    if not (run_dir / RUN_FILE).is_file():
+        return "the run had not started: nothing was written"
+    batches = run_dir / BATCH_DIR
+    if batches.is_dir() and any(batches.glob("batch_*.pt")):
+        return f"the state is saved: continue with `leaps invert --resume {run_dir}`"
+    return (f"no step was saved yet: `leaps invert --resume {run_dir}` starts the run from its "
+            "first step")
 
 
 class RunLock:
@@ -285,22 +344,139 @@ def check_resume_arguments(saved: dict[str, Any], **given: Any) -> None:
                              "with --out")
 
 
-def write_state(path: Path, state: InversionState) -> None:
-    """Write a resumable state atomically. It is serialised in memory first, so a full disk
-    is a WriteError naming the file and the previous state stays as it was."""
+# The layout of a saved optimisation state (batches/batch_<i>.state.pt); readers refuse others.
+STATE_FORMAT = 1
+
+
+def write_state(path: Path, state: InversionState, identity: dict[str, Any] | None = None
+                ) -> None:
+    """Write a resumable state atomically, with its format and the ``identity`` of the model
+    that made it (:func:`run_identity`). It is serialised in memory first, so a full disk is a
+    WriteError naming the file and the previous state stays as it was."""
     buffer = io.BytesIO()
-    torch.save({"step": state.step, "video": state.video.detach().cpu(),
+    torch.save({"format": STATE_FORMAT, "identity": identity, "step": state.step,
+                "video": state.video.detach().cpu(),
                 "optimizer": _to_cpu(state.optimizer), "scheduler": state.scheduler,
                 "rng": state.rng, "history": state.history}, buffer)
     write_bytes(path, buffer.getvalue())
 
 
-def read_state(path: Path) -> InversionState:
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    rng = data["rng"]
-    rng = (rng[0], tuple(rng[1]), rng[2])  # random.Random.setstate wants the inner tuple back
-    return InversionState(data["step"], data["video"], data["optimizer"], data["scheduler"], rng,
+class StateError(LeapsError):
+    """A saved state that a run cannot continue from; the message says what is wrong with it
+    (the caller adds what to do)."""
+
+
+class IdentityError(StateError):
+    """A saved state or batch result made by another model or checkpoint than the run's."""
+
+
+def read_state(path: Path, identity: dict[str, Any] | None = None) -> InversionState:
+    """A state :func:`write_state` wrote: of this format, whole, and (given ``identity``) made
+    by that model and checkpoint; else a :class:`StateError` naming the file and the problem.
+    The file is loaded without unpickling code (:func:`leaps.files.load_torch_file`)."""
+    try:
+        data = load_torch_file(path)
+    except LeapsError as exc:
+        raise StateError(f"{path} {exc}") from None
+    if not isinstance(data, dict):
+        raise StateError(f"{path} is not a leaps optimisation state (it holds "
+                         f"{type(data).__name__})")
+    fmt = data.get("format")
+    if fmt != STATE_FORMAT:
+        what = "records no state format" if fmt is None else f"is of state format {fmt!r}"
+        raise StateError(f"{path} {what}, this leaps reads state format {STATE_FORMAT} "
+                         "(written by another leaps version?)")
+    video = data.get("video", data.get("param"))
+    kinds = {"step": int, "optimizer": dict, "scheduler": dict, "rng": (tuple, list),
+             "history": dict}
+    missing = [k for k in ("step", "optimizer", "scheduler", "rng", "history") if k not in data]
+    if video is None:
+        missing.insert(1, "video")
+    wrong = [k for k, kind in kinds.items() if k in data and not isinstance(data[k], kind)]
+    if missing or wrong or not isinstance(video, Tensor):
+        problem = (f"lacks {', '.join(map(repr, missing))}" if missing else
+                   f"has an invalid {', '.join(map(repr, wrong or ['video']))}")
+        raise StateError(f"{path} {problem} (damaged or edited)")
+    if identity is not None:
+        check_identity(path, data.get("identity"), identity)
+    try:
+        rng = data["rng"]
+        rng = (rng[0], tuple(rng[1]), rng[2])  # random.Random.setstate wants the inner tuple
+    except (IndexError, TypeError):
+        raise StateError(f"{path} has an invalid 'rng' (damaged or edited)") from None
+    return InversionState(data["step"], video, data["optimizer"], data["scheduler"], rng,
                           {term: list(data["history"].get(term, [])) for term in TERMS})
+
+
+def run_identity(spec: Any, checkpoint: str | Path | None, reduced: bool) -> dict[str, Any]:
+    """What makes a run's model the one it is: adapter, registry entry, architecture arguments
+    (at the size built) and the sha256 of the weights (None: random weights from the seed).
+    Saved with every state and batch result, compared on ``--resume``."""
+    arch = spec.at_reduced_size().arch if reduced else spec.arch
+    weights: str | None = None
+    if checkpoint == "registry" or (checkpoint is None and spec.checkpoint is not None
+                                    and spec.checkpoint_path() is not None):
+        path = spec.checkpoint_path()
+        # A downloaded checkpoint is checked against the registry's sha256 when fetched.
+        weights = (_cached_sha256(str(path)) if path is not None and path.is_file()
+                   else f"registry:{spec.checkpoint.sha256}")
+    elif checkpoint:
+        weights = _cached_sha256(str(checkpoint)) if Path(str(checkpoint)).is_file() else \
+            f"missing:{checkpoint}"
+    return {"adapter": spec.adapter, "model": spec.name, "arch": arch, "reduced": bool(reduced),
+            "weights_sha256": weights}
+
+
+def resume_identity(saved: dict[str, Any]) -> dict[str, Any]:
+    """The :func:`run_identity` of the run a run.json describes, as it would be built now; a
+    checkpoint file whose sha256 is not the one the run recorded is a LeapsError."""
+    from leaps.registry import load_registry
+
+    spec = load_registry().resolve(saved["model"])
+    identity = run_identity(spec, saved["checkpoint"], saved["reduced"])
+    recorded, now = saved.get("checkpoint_sha256"), identity["weights_sha256"]
+    if recorded and saved["checkpoint"] not in (None, "registry") and now != recorded:
+        raise LeapsError(f"checkpoint {saved['checkpoint']} is not the file the run started "
+                         f"with (sha256 {recorded[:12]}... then, {str(now)[:12]}... now): restore "
+                         "it to continue the run, or start a new run with another --out")
+    return identity
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _cached_sha256(path: str) -> str:
+    """sha256 of a file, computed once per process for one (path, size, mtime)."""
+    from leaps.adapter import sha256_file
+
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = sha256_file(path)
+    return _SHA_CACHE[key]
+
+
+def check_identity(path: Path, saved: Any, current: dict[str, Any]) -> None:
+    """A state or batch result made by another model or checkpoint than the run's now is a
+    StateError naming what differs."""
+    if not isinstance(saved, dict):
+        raise IdentityError(f"{path} records no model identity (written by another leaps "
+                            "version, or edited)")
+    differ = [key for key in current if saved.get(key) != current[key]]
+    if differ:
+        def shown(key: str, value: Any) -> str:
+            if key == "weights_sha256" and isinstance(value, str):
+                return value[:12] + "..."
+            return repr(value)
+
+        # The model's name says it all where it differs; the details where it does not.
+        named = [k for k in differ if k in ("model", "adapter")] or differ
+        diffs = "; ".join("arch differs" if key == "arch" else
+                          f"{key} {shown(key, saved.get(key))} there, "
+                          f"{shown(key, current[key])} now" for key in named)
+        raise IdentityError(f"{path} was made by another model or checkpoint than the run's "
+                         f"({diffs}): run.json was edited, the checkpoint file changed, or the "
+                         "files come from different runs")
 
 
 def _to_cpu(obj: Any) -> Any:

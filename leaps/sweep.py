@@ -203,10 +203,13 @@ def sweep(plan: Path, out: Path | None, quiet: bool) -> None:
     out = out or Path("sweeps") / plan.stem
     try:
         rows = run_sweep(plan, out, progress=not quiet)
-    except KeyboardInterrupt:
-        click.echo(f"interrupted; run `leaps sweep {plan} --out {out}` again to finish it",
-                   err=True)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as exc:
+        from leaps.errors import Terminated
+
+        term = isinstance(exc, Terminated)
+        click.echo(f"{'terminated (SIGTERM)' if term else 'interrupted'}; run `leaps sweep "
+                   f"{plan} --out {out}` again to finish it", err=True)
+        raise SystemExit(143 if term else 130) from None
     if int(os.environ.get("RANK", "0") or 0) == 0:
         for row in rows:
             click.echo(f"{row['run_dir']}: {row['model']} seed {row['seed']}: {row['status']}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -33,13 +34,14 @@ def leaps(*args: str, **kwargs) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=ENV, timeout=300, **kwargs)
 
 
-def one_line_error(proc: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
+def one_line_error(proc: subprocess.CompletedProcess, *needles: str, code: int = 2,
+                   prefix: str = "error: ") -> str:
     """The process failed with ``code`` and one ``error:`` line (no traceback) naming
     ``needles``; returns the line."""
     assert proc.returncode == code, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if not line.startswith("warning: ")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(prefix), proc.stderr
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
@@ -357,3 +359,214 @@ def test_progress_without_a_terminal_is_whole_plain_lines(tmp_path):
     assert lines and lines[-1].startswith("leaps 8/8 (100%"), proc.stdout
     assert all("total=" in line and "p(target)=" in line for line in lines), proc.stdout
     assert "…" not in proc.stdout
+
+
+# -- stopped runs: SIGTERM as Ctrl-C, SIGKILL loses no logged step, damaged states -----------
+def start(*args: object, sigint: bool = False) -> subprocess.Popen:
+    """A `leaps` process with progress lines on stdout (no terminal: plain lines)."""
+    # A shell's background job ignores SIGINT; give the child the default handler back.
+    restore = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if sigint else None
+    return subprocess.Popen([sys.executable, "-m", "leaps.cli", *map(str, args)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=restore)
+
+
+def wait_for_step(proc: subprocess.Popen, step: int) -> None:
+    """Read ``proc``'s progress lines (``leaps N/TOTAL ...``) until one reaches ``step``."""
+    for line in proc.stdout:
+        if line.startswith("leaps ") and int(line.split()[1].split("/")[0]) >= step:
+            return
+    raise AssertionError(f"the run ended before step {step}: {proc.stderr.read()}")
+
+
+def stopped(proc: subprocess.Popen, code: int, *needles: str) -> str:
+    _, err = proc.communicate(timeout=120)
+    return one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, "", err),
+                          *needles, code=code, prefix="")
+
+
+PLAIN = [a for a in DEMO if a != "--quiet"]
+
+
+def test_sigterm_saves_like_ctrl_c_and_resume_loses_no_logged_step(tmp_path):
+    """Issue 21: SIGTERM mid-run saves the last logged step, marks the run interrupted and
+    exits 143; --resume (run.json says running meanwhile) ends where an unstopped run ends."""
+    whole = leaps(*DEMO, "--iterations", "60", "--log-every", "3", "--out", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "run"
+    proc = start(*PLAIN, "--iterations", "60", "--log-every", "3", "--save-every", "1000",
+                 "--out", out)
+    wait_for_step(proc, 12)
+    proc.send_signal(signal.SIGTERM)
+    line = stopped(proc, 143, f"terminated (SIGTERM); the state is saved: continue with "
+                              f"`leaps invert --resume {out}`")
+    assert line.startswith("terminated")
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    state = runs.read_state(out / BATCH_STATE)
+    assert state.step >= 12 and state.step % 3 == 0 and len(state.history["total"]) == state.step
+    resumed = start("invert", "--resume", out)
+    wait_for_step(resumed, state.step + 3)
+    assert json.loads((out / "run.json").read_text())["status"] == "running"  # issue 21.6
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "done" and record["steps"] == 60
+    assert len(record["history"]["total"]) == 60
+    assert torch.equal(torch.load(out / "video.pt", weights_only=True),
+                       torch.load(tmp_path / "whole" / "video.pt", weights_only=True))
+
+
+def test_sigkill_then_resume_keeps_a_history_entry_per_step(tmp_path):
+    """Issue 23.1: a periodic save between log steps holds the history up to its step."""
+    out = tmp_path / "run"
+    proc = start(*PLAIN, "--iterations", "60", "--log-every", "5", "--save-every", "7",
+                 "--out", out)
+    wait_for_step(proc, 15)
+    proc.kill()
+    proc.communicate()
+    state = runs.read_state(out / BATCH_STATE)
+    assert state.step % 7 == 0 and state.step >= 14, state.step
+    assert len(state.history["total"]) == state.step
+    resumed = leaps("invert", "--resume", out, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["steps"] == 60 and len(record["history"]["total"]) == 60
+
+
+def test_ctrl_c_before_the_run_directory_exists_says_nothing_was_written(tmp_path):
+    out = tmp_path / "run"
+    proc = start(*DEMO, "--out", out, sigint=True)
+    time.sleep(0.3)  # still importing / building the model
+    proc.send_signal(signal.SIGINT)
+    line = stopped(proc, 130, "interrupted; ", "nothing was written")
+    assert "--resume" not in line and "saved" not in line
+    assert not out.exists()
+
+
+def test_what_a_stopped_run_says_is_what_is_on_disk(tmp_path):
+    run = tmp_path / "run"
+    assert runs.stopped_state(run) == "the run had not started: nothing was written"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    assert "no step was saved yet" in runs.stopped_state(run)
+    assert "starts the run from its first step" in runs.stopped_state(run)
+    (run / BATCH_STATE).parent.mkdir()
+    (run / BATCH_STATE).write_bytes(b"")
+    assert runs.stopped_state(run) == (f"the state is saved: continue with `leaps invert "
+                                       f"--resume {run}`")
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory) -> Path:
+    """A run killed (SIGKILL) once it saved a state: what --resume continues."""
+    out = tmp_path_factory.mktemp("killed") / "run"
+    proc = start(*PLAIN, "--iterations", "400", "--out", out)
+    wait_for_step(proc, 4)
+    while not (out / BATCH_STATE).exists():
+        time.sleep(0.02)
+    proc.kill()
+    proc.communicate()
+    return out
+
+
+def _drop_key(key):
+    def damage(path: Path) -> None:
+        data = torch.load(path, weights_only=True)
+        del data[key]
+        torch.save(data, path)
+    return damage
+
+
+DAMAGED_STATES = {
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:3000]),
+                  "is truncated or damaged, not a complete torch file"),
+    "empty": (lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
+    "text": (lambda p: p.write_text("not a state\n"), "is damaged or not a torch file"),
+    "no rng": (_drop_key("rng"), "lacks 'rng' (damaged or edited)"),
+    "no format": (_drop_key("format"), "records no state format"),
+    "a pickled command": (lambda p: p.write_bytes(_pickled_command()),
+                          "pickles posix.system, which leaps does not unpickle"),
+}
+
+
+def _pickled_command() -> bytes:
+    import io
+
+    class Command:
+        def __reduce__(self):
+            return (os.system, ("echo should never run",))
+
+    buffer = io.BytesIO()
+    torch.save({"step": Command()}, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_STATES))
+def test_resume_from_a_damaged_state_is_one_line_and_changes_nothing(killed_run, tmp_path,
+                                                                    case):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(killed_run, run)
+    damage, problem = DAMAGED_STATES[case]
+    damage(run / BATCH_STATE)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    proc = leaps("invert", "--resume", run, "--quiet")
+    line = one_line_error(proc, f"{run / BATCH_STATE} {problem}",
+                          "the run cannot continue from it", f"`leaps invert --resume {run}` "
+                          "starts batch 0 over")
+    assert "weights_only" not in line and "should never run" not in proc.stdout
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before
+
+
+def test_resume_verifies_the_model_and_the_run_format(killed_run, tmp_path):
+    """Issue 23.4: a run.json edited to another model, or without its format, is refused."""
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(killed_run, edited)
+    record = json.loads((edited / "run.json").read_text())
+    record["model"] = "demo.x3d"
+    (edited / "run.json").write_text(json.dumps(record))
+    one_line_error(leaps("invert", "--resume", edited, "--quiet"),
+                   f"{edited / BATCH_STATE} was made by another model or checkpoint than the "
+                   "run's (", "model 'demo.resnet3d' there, 'demo.x3d' now",
+                   "restore run.json or the checkpoint")
+    old = tmp_path / "old"
+    shutil.copytree(killed_run, old)
+    record = json.loads((old / "run.json").read_text())
+    del record["format"]
+    (old / "run.json").write_text(json.dumps(record))
+    one_line_error(leaps("invert", "--resume", old, "--quiet"),
+                   f"{old / 'run.json'} records no run format", "cannot be resumed")
+    state = torch.load(killed_run / BATCH_STATE, weights_only=True)
+    assert state["format"] == runs.STATE_FORMAT
+    assert state["identity"]["model"] == "demo.resnet3d"
+    assert state["identity"]["adapter"] == "pytorchvideo.resnet"
+    assert len(state["identity"]["weights_sha256"]) == 64
+
+
+def test_resume_refuses_a_checkpoint_that_changed(tmp_path):
+    checkpoint = tmp_path / "weights.safetensors"
+    shutil_copy(STIMULI.parent / "demo.resnet3d.safetensors", checkpoint)
+    out = tmp_path / "run"
+    proc = start(*PLAIN, "--iterations", "400", "--checkpoint", checkpoint, "--out", out)
+    wait_for_step(proc, 4)
+    while not (out / BATCH_STATE).exists():
+        time.sleep(0.02)
+    proc.kill()
+    proc.communicate()
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(checkpoint)
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()},
+              checkpoint)
+    one_line_error(leaps("invert", "--resume", out, "--quiet"),
+                   f"checkpoint {checkpoint} is not the file the run started with")
+
+
+def shutil_copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    shutil.copyfile(src, dst)
