@@ -421,8 +421,15 @@ def run_identity(spec: Any, checkpoint: str | Path | None, reduced: bool) -> dic
         weights = (_cached_sha256(str(path)) if path is not None and path.is_file()
                    else f"registry:{spec.checkpoint.sha256}")
     elif checkpoint:
-        weights = _cached_sha256(str(checkpoint)) if Path(str(checkpoint)).is_file() else \
-            f"missing:{checkpoint}"
+        weights = f"missing:{checkpoint}"
+        if Path(str(checkpoint)).exists():
+            from leaps.plugins import get_host
+
+            try:  # inside a folder checkpoint: the weights file the adapter loads
+                file = get_host().adapter(spec.adapter)().checkpoint_file(checkpoint)
+                weights = _cached_sha256(str(file))
+            except LeapsError:
+                pass
     return {"adapter": spec.adapter, "model": spec.name, "arch": arch, "reduced": bool(reduced),
             "weights_sha256": weights}
 
