@@ -66,7 +66,10 @@ def measure(processes: int, args: argparse.Namespace, out: Path) -> dict:
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        fail(f"{' '.join(command)} failed:\n{proc.stderr[-2000:]}", 1)
+        # leaps's own one-line errors first: torchrun's report of the failed ranks follows them
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        why = "; ".join(dict.fromkeys(errors)) or proc.stderr[-2000:]
+        fail(f"{' '.join(command)} failed: {why}", 2 if errors else 1)
     record = json.loads((out / "run.json").read_text())
     batches = record["batches"]
     clips = sum(len(b["clips"]) for b in batches)
