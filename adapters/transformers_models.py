@@ -72,8 +72,10 @@ class HFVideoAdapter(Adapter):
         for key, given in (("image_size", spec.size), ("num_frames", spec.frames)):
             if key in arch and arch[key] != given:
                 raise LeapsError(f"the checkpoint's config.json has {key} {arch[key]}, but the "
-                                 f"registry entry's input is {spec.frames} frames of "
-                                 f"{spec.size}x{spec.size}; use an entry with that input")
+                                 f"model is built for an input of {spec.frames} frames of "
+                                 f"{spec.size}x{spec.size} (its registry entry, or its reduced "
+                                 "test size); build it at the input the checkpoint was saved "
+                                 "for (an entry with that input, --reduced or not)")
         kwargs = {k: v for k, v in arch.items() if k not in ("image_size", "num_frames")}
         labels = spec.labels or tuple(str(i) for i in range(num_classes))
         try:

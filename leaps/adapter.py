@@ -380,6 +380,15 @@ def _only_the_head_differs(own: dict[str, Tensor], state: dict[str, Tensor],
         state[k].shape[1:] == own[k].shape[1:] for k in wrong)
 
 
+def untrained_statistics(model: VideoClassifier) -> bool:
+    """Whether every BatchNorm of ``model`` still holds its initial running statistics (mean 0,
+    variance 1): random weights, whose R_feat targets say nothing about real videos."""
+    layers = [layer for layer in model.norm_layers if layer.has_stats]
+    return bool(layers) and all(
+        bool((layer.running_mean == 0).all()) and bool((layer.running_var == 1).all())
+        for layer in layers)
+
+
 def checkpoint_sha256(adapter: str, path: str | Path) -> str | None:
     """sha256 of the file adapter ``adapter`` loads for checkpoint ``path`` (inside a folder:
     the weights file it picks), or None when there is none."""

@@ -197,8 +197,7 @@ def models(pattern: str | None, as_json: bool) -> None:
 @click.option("--model", help="Registry model name.")
 @click.option("--full-size", is_flag=True,
               help="Use the model's real input size instead of its small test size.")
-@click.option("--checkpoint", help="Weights (file or folder) whose architecture to show; "
-                                   "implies --full-size.")
+@click.option("--checkpoint", help="Weights (file or folder) whose architecture to show.")
 @click.option("--labels", type=click.Path(), help="Class names, one a line (fine-tuned model).")
 def layers(adapter: str | None, model: str | None, full_size: bool, checkpoint: str | None,
            labels: str | None) -> None:
@@ -208,7 +207,7 @@ def layers(adapter: str | None, model: str | None, full_size: bool, checkpoint: 
     from leaps.registry import build_model
     from leaps.testing import capture_taps
 
-    reduced = not full_size and checkpoint is None
+    reduced = not full_size
     classifier = build_model(model, adapter=adapter, reduced=reduced, checkpoint=checkpoint,
                              labels=labels)
     spec = classifier.spec
@@ -267,7 +266,12 @@ def _config_options(command: Any) -> Any:
 @click.option("--stimulus", "stimuli", multiple=True,
               help="Stimulus video (mp4/avi/webm/mkv/gif) or frame folder; repeat for "
                    "multi-stimulus priming; CLASS=PATH assigns it to one of several targets.")
+@click.option("--stimuli", "stimuli_dir", type=click.Path(),
+              help="Folder of stimulus videos named <class>_<n>.mp4, used for every target "
+                   "without --stimulus (the layout of a registry entry's stimuli folder).")
 @click.option("--verifier", help="Verifier model name, 'self' or 'none' [default: registry].")
+@click.option("--verifier-checkpoint",
+              help="Weights of the verifier (file or folder, its family's native format).")
 @click.option("--checkpoint", help="Weights to load: a file in the family's native format, or "
                                    "'registry' for the entry's official checkpoint.")
 @click.option("--labels", type=click.Path(),
@@ -280,7 +284,8 @@ def _config_options(command: Any) -> Any:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_config_options
 def invert(model: str | None, adapter: str | None, targets: tuple[str, ...],
-           stimuli: tuple[str, ...], verifier: str | None, checkpoint: str | None,
+           stimuli: tuple[str, ...], stimuli_dir: str | None, verifier: str | None,
+           verifier_checkpoint: str | None, checkpoint: str | None,
            labels: str | None, out: str | None, resume: str | None, reduced: bool, quiet: bool,
            **options: Any) -> None:
     """Synthesize videos of target classes from what a model learned (LEAPS)."""
@@ -299,7 +304,8 @@ def invert(model: str | None, adapter: str | None, targets: tuple[str, ...],
                                verifier=verifier, checkpoint=checkpoint, labels=labels,
                                config=None if resume else InvertConfig(**given), out=out,
                                resume=resume, reduced=reduced, progress=not quiet,
-                               changes=given if resume else None)
+                               changes=given if resume else None,
+                               verifier_checkpoint=verifier_checkpoint, stimuli_dir=stimuli_dir)
     except KeyboardInterrupt as exc:
         click.echo(f"{_stopped(exc)}; {runs.stopped_state(Path(resume or out))}", err=True)
         raise SystemExit(_exit_code(exc)) from None

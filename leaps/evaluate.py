@@ -337,7 +337,8 @@ def _evaluate_run(run: Run, also: Sequence[str], models: _Models,
         verifier = model
     elif verifier_name not in (None, "none"):
         try:
-            verifier = models.get(verifier_name, reduced=bool(record["reduced"]))
+            verifier = models.get(verifier_name, record.get("verifier_checkpoint"),
+                                  reduced=bool(record["reduced"]))
         except LeapsError as exc:
             raise LeapsError(f"{run.path}: its verifier cannot be built: {exc}") from None
     same_classes = verifier is not None and list(verifier.labels) == labels

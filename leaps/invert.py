@@ -451,7 +451,9 @@ def invert(model: str | None = None, *, adapter: str | None = None,
            out: str | Path | None = None, resume: str | Path | None = None,
            reduced: bool = False, progress: bool = True,
            on_warning: Callable[[str], None] = warn,
-           changes: dict[str, Any] | None = None) -> InversionResult:
+           changes: dict[str, Any] | None = None,
+           verifier_checkpoint: str | Path | None = None,
+           stimuli_dir: str | Path | None = None) -> InversionResult:
     """Synthesize clips of ``targets`` from a registry model, primed by stimulus videos.
 
     ``model``/``adapter`` pick the registry entry; ``verifier`` is a registry model, ``"self"``,
@@ -478,7 +480,8 @@ def invert(model: str | None = None, *, adapter: str | None = None,
                           verifier=verifier, checkpoint=checkpoint, labels=labels,
                           config=config, out=out, resume=resume, reduced=reduced,
                           on_warning=on_warning, changes=changes or {},
-                          processes=processes, held=held)
+                          processes=processes, held=held,
+                          verifier_checkpoint=verifier_checkpoint, stimuli_dir=stimuli_dir)
         todo = processes.broadcast([b for b in run.batches if not run.is_done(b)])
         run.work(processes.share(todo), progress)
         processes.barrier()
@@ -703,12 +706,15 @@ def prepare_run(model: str | None = None, *, adapter: str | None = None,
                 out: str | Path | None = None, resume: str | Path | None = None,
                 reduced: bool = False, on_warning: Callable[[str], None] = warn,
                 changes: dict[str, Any] | None = None, processes: Any = None,
-                held: list[Any] | None = None) -> PreparedRun:
+                held: list[Any] | None = None, verifier_checkpoint: str | Path | None = None,
+                stimuli_dir: str | Path | None = None) -> PreparedRun:
     """Validate, build the models, plan the batches and (rank 0) claim the run directory and
     write run.json: everything :func:`invert` does before the optimisation. The run
-    directory's lock is appended to ``held`` (the caller releases it)."""
+    directory's lock is appended to ``held`` (the caller releases it). ``verifier_checkpoint``
+    loads the verifier's weights; ``stimuli_dir`` is a folder of ``<class>_<n>.<ext>`` stimulus
+    videos (a registry entry's ``stimuli`` layout) used where no stimulus is given."""
     from leaps import runs
-    from leaps.adapter import checkpoint_sha256
+    from leaps.adapter import checkpoint_sha256, untrained_statistics
     from leaps.batches import BatchFiles, Processes, on_rank0, plan_batches
     from leaps.files import WriteError
     from leaps.plugins import get_host
@@ -730,10 +736,15 @@ def prepare_run(model: str | None = None, *, adapter: str | None = None,
             held.append(runs.claim_run_dir(run_dir, new=False, on_warning=on_warning))
         runs.check_resume_arguments(saved, model=model, adapter=adapter, targets=targets,
                                     stimuli=stimuli, verifier=verifier, checkpoint=checkpoint,
-                                    labels=labels, reduced=reduced)
+                                    labels=labels, reduced=reduced,
+                                    verifier_checkpoint=verifier_checkpoint)
+        if stimuli_dir is not None:
+            raise LeapsError("--stimuli cannot be given with --resume: a resumed run keeps its "
+                             "stimuli; drop --stimuli")
         model, adapter = saved["model"], None
         targets, groups = saved["targets"], saved["stimuli"]
         verifier, checkpoint, labels = saved["verifier"], saved["checkpoint"], saved["labels"]
+        verifier_checkpoint = saved.get("verifier_checkpoint")
         reduced = saved["reduced"]
         config = InvertConfig.from_dict(saved["config"])
         batch_files = BatchFiles(run_dir, runs.resume_identity(saved))
@@ -765,12 +776,23 @@ def prepare_run(model: str | None = None, *, adapter: str | None = None,
     indices = [resolve_target(t, class_names) for t in targets]
     priming = (config or InvertConfig()).priming_weight > 0
     if not resuming and not groups and priming:
-        groups = [[str(p) for p in spec.stimulus_files(class_names[i])] for i in indices]
+        from leaps.registry import stimulus_files
+
+        if stimuli_dir is not None and not Path(stimuli_dir).is_dir():
+            raise LeapsError(f"--stimuli {stimuli_dir} is not a folder; pass a folder of "
+                             "stimulus videos named <class>_<n>.mp4")
+        groups = [[str(p) for p in (stimulus_files(Path(stimuli_dir), class_names[i])
+                                    if stimuli_dir is not None
+                                    else spec.stimulus_files(class_names[i]))]
+                  for i in indices]
         missing = [class_names[i] for i, group in zip(indices, groups) if not group]
         if missing:
+            where = (f"{stimuli_dir} holds" if stimuli_dir is not None
+                     else f"{spec.name!r} ships")
             raise LeapsError("LEAPS primes the model with stimulus videos of the target class "
-                             f"and {spec.name!r} ships none for {', '.join(missing)}: pass "
-                             "--stimulus PATH (or --priming-weight 0 to invert without priming)")
+                             f"and {where} none for {', '.join(missing)} (files named "
+                             "<class>_<n>.mp4): pass --stimulus PATH or --stimuli FOLDER (or "
+                             "--priming-weight 0 to invert without priming)")
     fs = classifier.spec
 
     def short(source: str | Path, count: int) -> None:
@@ -792,7 +814,16 @@ def prepare_run(model: str | None = None, *, adapter: str | None = None,
         if reason:
             raise LeapsError(f"verifier {verifier_name!r} is not usable here: {reason}; pick "
                              "another with --verifier (or self/none)")
-        verifier_model = _seeded(seed, lambda: build_model(verifier_name, reduced=reduced))
+        verifier_model = _seeded(seed, lambda: build_model(
+            verifier_name, reduced=reduced, checkpoint=verifier_checkpoint))
+        if not reduced and rank0 and not resuming and untrained_statistics(verifier_model):
+            on_warning(f"verifier {verifier_name} runs with untrained BatchNorm statistics "
+                       "(random weights: no checkpoint was loaded), so R_feat pulls the clips "
+                       "toward mean 0 and variance 1, not toward real videos; pass "
+                       "--verifier-checkpoint PATH with its weights, or --verifier none")
+    if verifier_checkpoint is not None and verifier_name in ("self", "none"):
+        raise LeapsError(f"--verifier-checkpoint needs a verifier model, not {verifier_name!r}; "
+                         "name one with --verifier (or drop --verifier-checkpoint)")
     config = (config or InvertConfig()).with_registry_defaults(
         spec.leaps.lambda_1, spec.leaps.lambda_L, spec.leaps.r)
     config.validate()
@@ -805,6 +836,10 @@ def prepare_run(model: str | None = None, *, adapter: str | None = None,
         "checkpoint_sha256": (checkpoint_sha256(spec.adapter, checkpoint)
                               if checkpoint and Path(str(checkpoint)).exists() else None),
         "labels": str(labels) if labels else None, "verifier": verifier_name,
+        "verifier_checkpoint": str(verifier_checkpoint) if verifier_checkpoint else None,
+        "verifier_checkpoint_sha256": (
+            checkpoint_sha256(registry.get(verifier_name).adapter, verifier_checkpoint)
+            if verifier_checkpoint and Path(str(verifier_checkpoint)).exists() else None),
         "reduced": reduced, "targets": [str(t) for t in targets],
         "target_indices": indices, "target_names": [class_names[i] for i in indices],
         "stimuli": groups, "config": asdict(config),

@@ -98,14 +98,18 @@ class ModelSpec:
         ``stimuli`` folder), or none."""
         if self.stimuli is None:
             return []
-        folder = Path(self.source).parent / self.stimuli
-        return sorted(p for p in folder.glob(f"{glob.escape(label)}_*.*")
-                      if p.stem[len(label) + 1:].isdigit())
+        return stimulus_files(Path(self.source).parent / self.stimuli, label)
 
     def checkpoint_path(self) -> Path | None:
         if self.checkpoint is None or self.checkpoint.path is None:
             return None
         return (Path(self.source).parent / self.checkpoint.path).resolve()
+
+
+def stimulus_files(folder: Path, label: str) -> list[Path]:
+    """The stimulus videos of class ``label`` in ``folder``: files ``<label>_<n>.<ext>``."""
+    return sorted(p for p in folder.glob(f"{glob.escape(label)}_*.*")
+                  if p.stem[len(label) + 1:].isdigit())
 
 
 def merge_nested(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -313,7 +313,8 @@ def remove_new_run_dir(path: Path, created: bool, lock: RunLock) -> None:
 # The options of `leaps invert` that name what a run is; `--resume` keeps the run's own.
 _RUN_IDENTITY = {"model": "--model", "adapter": "--adapter", "targets": "--target",
                  "stimuli": "--stimulus", "verifier": "--verifier",
-                 "checkpoint": "--checkpoint", "labels": "--labels", "reduced": "--reduced"}
+                 "checkpoint": "--checkpoint", "labels": "--labels", "reduced": "--reduced",
+                 "verifier_checkpoint": "--verifier-checkpoint"}
 
 
 def check_resume_arguments(saved: dict[str, Any], **given: Any) -> None:

@@ -127,8 +127,8 @@ def test_checkpoint_errors_name_the_problem(tmp_path: Path) -> None:
     config = json.loads((folder / "config.json").read_text())
     config["image_size"] = 64
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(LeapsError, match=r"config\.json has image_size 64.*input is 4 frames "
-                                         r"of 32x32"):
+    with pytest.raises(LeapsError, match=r"config\.json has image_size 64.*input of 4 frames"
+                                         r" of 32x32"):
         build_model("transformers.vivit_b_k400", reduced=True, checkpoint=folder)
 
 
@@ -266,3 +266,53 @@ def test_outside_adapter_on_the_original_contract_passes(tmp_path: Path) -> None
         # when it is handed the weights file
         _, folder = _saved("transformers.videomae_b_k400", tmp_path / "ckpt", classes=3)
         build_model("outside.videomae", reduced=True, checkpoint=folder / "model.safetensors")
+
+
+# -- the command line, end to end, on a save_pretrained folder ---------------------------
+def _leaps(*args: str) -> Any:
+    """The `leaps` command line in this process (wide enough that rich wraps no line)."""
+    from click.testing import CliRunner
+
+    from leaps.cli import cli
+
+    return CliRunner(env={"COLUMNS": "240"}).invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_cli_invert_explain_layers_evaluate_on_a_folder_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    from leaps.video import write_mp4
+
+    classes = ["jumping", "running", "waving"]
+    (tmp_path / "classes.txt").write_text("\n".join(classes) + "\n")
+    _saved("transformers.videomae_b_k400", tmp_path / "ckpt", classes=3)
+    (tmp_path / "clips").mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for name in classes:
+        write_mp4(torch.rand(3, 4, 32, 32, generator=generator), tmp_path / "clips" /
+                  f"{name}_1.mp4")
+    model = ["--model", "transformers.videomae_b_k400", "--checkpoint", "ckpt",
+             "--labels", "classes.txt", "--reduced"]
+    proc = _leaps("invert", *model, "--target", "all", "--stimuli", "clips", "--out", "run",
+                  "--iterations", "3", "--quiet")
+    assert proc.exit_code == 0, proc.stderr
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["target_names"] == classes
+    assert record["stimuli"] == [[f"clips/{c}_1.mp4"] for c in classes]
+    assert record["checkpoint_sha256"] == sha256_file(tmp_path / "ckpt" / "model.safetensors")
+    proc = _leaps("explain", *model, "--method", "gradcam", "clips/waving_1.mp4", "--out",
+                  "explained")
+    assert proc.exit_code == 0, proc.stderr
+    proc = _leaps("layers", "--model", "transformers.videomae_b_k400", "--checkpoint", "ckpt",
+                  "--labels", "classes.txt")
+    assert proc.exit_code == 0, proc.stderr
+    assert "at the reduced test size" in proc.stdout
+    assert "videomae.encoder.layer.1" in proc.stdout
+    proc = _leaps("evaluate", "run")
+    assert proc.exit_code == 0, proc.stderr
+    # a stimuli folder without a target's clip says what is missing and how files are named
+    (tmp_path / "clips" / "waving_1.mp4").unlink()
+    proc = _leaps("invert", *model, "--target", "waving", "--stimuli", "clips", "--out",
+                  "run2", "--iterations", "1", "--quiet")
+    assert proc.exit_code == 2 and "clips holds none for waving" in proc.stderr
+    assert "<class>_<n>.mp4" in proc.stderr and not (tmp_path / "run2").exists()
