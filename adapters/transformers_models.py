@@ -16,7 +16,8 @@ transformers 5 VideoMAE stores ``q_bias``/``v_bias``, ViViT ``encoder.layer``), 
 Taps: every encoder layer, its tokens laid onto the patch grid ``[B, C, T', H', W']`` in the
 family's token order (time-major for VideoMAE/ViViT, space-major for TimeSformer), class
 tokens dropped. The models are BN-free: R_feat matches LayerNorm input statistics estimated
-from the stimuli, and Grad-CAM's default layer is the last encoder layer (its patch tokens).
+from the stimuli. Grad-CAM's default layer is the last encoder layer, or for the class-token
+families (TimeSformer, ViViT) the one before it, since the head reads only the class token.
 """
 
 from __future__ import annotations
@@ -118,6 +119,14 @@ class HFVideoAdapter(Adapter):
 
         name, layers = self.layers(net)
         return [Tap(f"{name}.{i}", layer, to_video) for i, layer in enumerate(layers)]
+
+    def gradcam_layer(self, net: nn.Module, taps: list[Tap]) -> str:
+        """The last encoder layer; for class-token families the one before it: the head reads
+        only the class token, which the last layer's patch tokens no longer feed (their
+        gradient is zero)."""
+        if self.class_tokens and len(taps) > 1:
+            return taps[-2].name
+        return taps[-1].name
 
     def forward(self, net: nn.Module, x: Tensor) -> Tensor:
         # transformers' video models take pixel_values [B, T, C, H, W]

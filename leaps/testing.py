@@ -414,9 +414,15 @@ def registered_plugin(plugin: Any, name: str) -> Iterator[None]:
 
 
 class InProcessPlugin:
-    """A plugin made of adapter classes and a registry mapping, for :func:`registered_plugin`."""
+    """A plugin made of adapter classes and registry entries, for :func:`registered_plugin`.
+    The entries are given by name, or as the ``{"models": {...}}`` mapping that the models
+    hook's ``register`` takes."""
 
     def __init__(self, adapters: Sequence[type[Adapter]], models: dict[str, Any]) -> None:
+        # ``models``: the entries by name, or the mapping a registry file holds (what the
+        # models hook's register() takes: ``{"models": {...}}``) - either shape works
+        if set(models) == {"models"} and isinstance(models["models"], dict):
+            models = models["models"]
         self.adapters, self.models = list(adapters), models
 
     @hookimpl

@@ -96,3 +96,22 @@ def test_entry_needing_a_missing_library_names_the_pip_requirement():
         with pytest.raises(LeapsError, match=r"not usable here: needs leaps_no_such_module: "
                                              r"pip install 'leaps-no-such-package>=1\.0'"):
             build_model("needy.net")
+
+
+class NeedsAnExtraOfLeaps(Adapter):
+    name = "needy.extra"
+    requires = {"leaps_no_such_module": "leaps[nosuchextra]"}
+
+
+def test_models_table_keeps_the_brackets_of_an_install_hint():
+    """rich reads "[nosuchextra]" as markup unless it is escaped: the hint would lose it."""
+    from click.testing import CliRunner
+
+    from leaps.cli import cli
+
+    entry = dict(NEEDY.models["needy.net"], adapter="needy.extra")
+    with registered_plugin(InProcessPlugin([NeedsAnExtraOfLeaps], {"needy.extra": entry}),
+                           "needy"):
+        result = CliRunner(env={"COLUMNS": "300"}).invoke(cli, ["models", "needy.*"])
+    assert result.exit_code == 0, result.output
+    assert "pip install 'leaps[nosuchextra]'" in result.output

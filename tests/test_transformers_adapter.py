@@ -316,3 +316,17 @@ def test_cli_invert_explain_layers_evaluate_on_a_folder_checkpoint(
                   "run2", "--iterations", "1", "--quiet")
     assert proc.exit_code == 2 and "clips holds none for waving" in proc.stderr
     assert "<class>_<n>.mp4" in proc.stderr and not (tmp_path / "run2").exists()
+
+
+def test_class_token_families_default_gradcam_to_a_layer_that_reaches_the_score() -> None:
+    for name, layer in (("transformers.timesformer_b_k400", "timesformer.encoder.layer.0"),
+                        ("transformers.vivit_b_k400", "vivit.layers.0"),
+                        ("transformers.videomae_b_k400", "videomae.encoder.layer.1")):
+        assert build_model(name, reduced=True).gradcam_layer == layer
+
+
+def test_in_process_plugin_takes_either_shape_of_entries() -> None:
+    entry = _entry(OutsideVideoMAE, "transformers.videomae_b_k400")
+    for models in ({"outside.videomae": entry}, {"models": {"outside.videomae": entry}}):
+        with registered_plugin(InProcessPlugin([OutsideVideoMAE], models), "outside"):
+            assert load_registry().get("outside.videomae").adapter == "outside.videomae"
