@@ -40,3 +40,14 @@ def test_full_size_model_classifies_its_own_classes() -> None:
     assert logits.shape == (1, 5)
     assert [tap.name for tap in model.taps] == ["stem", "blocks.0", "blocks.1", "blocks.2"]
     assert len(model.norm_layers) == 1 + 2 * 3 + 2  # stem, two per block, two projections
+
+
+def test_ships_stimuli_so_invert_needs_no_stimulus_option() -> None:
+    from leaps.config import InvertConfig
+    from leaps.invert import invert
+
+    spec = load_registry().get("example.tiny3d")
+    assert all(spec.stimulus_files(label) for label in spec.label_names())
+    result = invert("example.tiny3d", targets=["waving hand"], reduced=True, verifier="self",
+                    config=InvertConfig(iterations=1, samples=1), progress=False)
+    assert result.labels == ["waving hand"]
