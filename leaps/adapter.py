@@ -364,7 +364,27 @@ def load_state_dict_checked(net: nn.Module, state: dict[str, Tensor], source: st
                                                             unexpected) else
                 "; is it a checkpoint of this model family and variant?")
         raise LeapsError(f"checkpoint {source} does not fit the model: {'; '.join(parts)}{hint}")
+    _check_values(own, state, source)
     net.load_state_dict(state, strict=True)
+
+
+def _check_values(own: dict[str, Tensor], state: dict[str, Tensor], source: str) -> None:
+    """Weights that would load but make every loss non-finite: integer (quantized) tensors
+    for float parameters, NaN or inf values. Named here, so no run blames its --lr."""
+    integer = [f"{k} ({state[k].dtype})".replace("torch.", "") for k in own
+               if own[k].is_floating_point() and not state[k].is_floating_point()]
+    if integer:
+        more = f" (+{len(integer) - 3} more)" if len(integer) > 3 else ""
+        raise LeapsError(f"checkpoint {source} holds integer tensors for float parameters: "
+                         f"{', '.join(integer[:3])}{more}; a quantized checkpoint? leaps needs "
+                         "the float weights (dequantize it, or use the float checkpoint)")
+    bad = [k for k, v in state.items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise LeapsError(f"checkpoint {source} holds NaN or infinite values in "
+                         f"{', '.join(bad[:3])}{more}: it is damaged or was saved from a diverged "
+                         "training; use another checkpoint")
 
 
 def _only_the_head_differs(own: dict[str, Tensor], state: dict[str, Tensor],

@@ -656,6 +656,11 @@ def evaluate(run_dirs: tuple[Path, ...], also: tuple[str, ...], json_path: Path 
     """Measure the synthesized clips of inversion runs (a `leaps sweep` directory: all of its
     runs): top-1 by the model, its verifier and
     unseen models, Inception Score, motion test, motion oracle, naturalness, diversity."""
+    from leaps.files import check_output_file
+
+    for option, path in (("--json", json_path), ("--markdown", markdown_path)):
+        if path is not None:
+            check_output_file(path, option)
     result = evaluate_runs(run_dirs, also, device)
     print_table(result)
     click.echo(LEGEND)
@@ -665,7 +670,9 @@ def evaluate(run_dirs: tuple[Path, ...], also: tuple[str, ...], json_path: Path 
                    "initialisation): their top-1, IS and motion test are chance; give the "
                    "runs' models trained weights", err=True)
     if json_path is not None:
-        write_text(json_path, json.dumps(result, indent=2) + "\n")
+        from leaps.runs import strict_json
+
+        write_text(json_path, strict_json(result))
         click.echo(f"wrote {json_path}")
     if markdown_path is not None:
         write_text(markdown_path, to_markdown(result))

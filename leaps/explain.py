@@ -17,11 +17,12 @@ API; the ``explain`` click command wraps it.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,8 @@ def explain_videos(videos: Sequence[str | Path], model: str | None = None, *,
                    params: dict[str, Any] | None = None, checkpoint: str | Path | None = None,
                    labels: str | Path | None = None, reduced: bool = False,
                    out: str | Path | None = None, device: str = "auto", batch_size: int = 4,
-                   fps: float = 8.0, alpha: float = 0.5) -> list[Explanation]:
+                   fps: float = 8.0, alpha: float = 0.5,
+                   on_warning: Callable[[str], None] | None = None) -> list[Explanation]:
     """Explain a registry model's decision on each video with one attribution method.
 
     ``model``/``adapter`` pick the registry entry (``checkpoint``/``labels`` for fine-tuned
@@ -166,7 +168,12 @@ def explain_videos(videos: Sequence[str | Path], model: str | None = None, *,
     method_cls = get_method(method)
     parameters = _check_params(method_cls, dict(params or {}), layer)
     if batch_size < 1:
-        raise LeapsError(f"batch size must be >= 1, got {batch_size}")
+        raise LeapsError(f"--batch-size must be an integer >= 1, got {batch_size}")
+    if not (math.isfinite(fps) and fps > 0):
+        raise LeapsError(f"--fps must be a number > 0 (frames per second of the written GIF "
+                         f"and MP4), got {fps:g}")
+    if on_warning is None:
+        from leaps.invert import warn as on_warning
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         _check_out(out_dir)
@@ -177,7 +184,12 @@ def explain_videos(videos: Sequence[str | Path], model: str | None = None, *,
     class_names = classifier.labels
     given = resolve_target(target, class_names) if target is not None else None
     fs = classifier.spec
-    clips = read_clips(videos, fs.frames, fs.size)
+
+    def short(source: str | Path, count: int) -> None:
+        on_warning(f"video {source} has {count} frame(s), fewer than the model's {fs.frames}: "
+                   "its frames are repeated in order (stretched in time) to explain it")
+
+    clips = read_clips(videos, fs.frames, fs.size, short, on_warning)
     explainer = (GradCAM(classifier, layer) if method_cls is GradCAM
                  else method_cls(classifier))
     method_kwargs = dict(parameters)

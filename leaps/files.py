@@ -158,7 +158,7 @@ def load_torch_file(path: str | Path, safe_globals: list[object] | tuple[object,
     whose message is :func:`why_unreadable` (the caller adds what the file is and what to do).
 
     Every torch file leaps reads goes through here, so no message ever repeats torch's advice
-    to load a file with ``weights_only=False``: leaps never unpickles code from a file."""
+    to turn ``weights_only`` off: leaps never unpickles code from a file."""
     import torch
 
     try:

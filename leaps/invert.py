@@ -410,8 +410,10 @@ def resolve_target(target: str | int, labels: Sequence[str]) -> int:
         return list(labels).index(target)
     close = difflib.get_close_matches(target, list(labels), n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+    shown = ", ".join(labels[:20]) + (f" ... ({len(labels)} classes)" if len(labels) > 20
+                                      else "")
     raise LeapsError(f"unknown target class {target!r}; {hint}give a class name of the model's "
-                     "label set or its index")
+                     f"label set or its index (classes: {shown})")
 
 
 def group_stimuli(targets: Sequence[str | int], stimuli: Sequence[str | Path]

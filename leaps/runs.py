@@ -69,9 +69,14 @@ def slug(text: str) -> str:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as strict JSON: a non-finite number (a diverged loss, an undefined
+    """Write ``data`` as :func:`strict_json`."""
+    write_text(path, strict_json(data))
+
+
+def strict_json(data: Any) -> str:
+    """``data`` as strict JSON text: a non-finite number (a diverged loss, an undefined
     metric) is written as null, never as the ``NaN`` other JSON readers reject."""
-    write_text(path, json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
+    return json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n"
 
 
 def _finite(obj: Any) -> Any:

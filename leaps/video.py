@@ -98,7 +98,7 @@ def read_clip(source: str | Path, frames: int, size: int,
         raise LeapsError(f"stimulus not found: {path}; check the path (relative paths are "
                          f"resolved from {Path.cwd()})")
     if path.is_dir():
-        kept, total = _read_image_folder(path, frames)
+        kept, total = _read_image_folder(path, frames, on_warning or _warn)
     else:
         if path.suffix.lower() not in VIDEO_EXTENSIONS:
             raise LeapsError(
@@ -135,7 +135,8 @@ def _natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
                  for part in re.split(r"(\d+)", name) if part)
 
 
-def _read_image_folder(folder: Path, frames: int) -> tuple[list[Tensor], int]:
+def _read_image_folder(folder: Path, frames: int, on_warning: Callable[[str], None]
+                       ) -> tuple[list[Tensor], int]:
     images = sorted((p for p in folder.iterdir()
                      if p.is_file() and not p.name.startswith(".")
                      and p.suffix.lower() in IMAGE_EXTENSIONS),
@@ -155,6 +156,12 @@ def _read_image_folder(folder: Path, frames: int) -> tuple[list[Tensor], int]:
             raise LeapsError(f"cannot read frame image {image_path}: {_first_line(err)}; "
                              "replace or remove the broken image") from None
         loaded[index] = _to_chw(array)
+    sizes = sorted({(int(t.shape[2]), int(t.shape[1])) for t in loaded.values()})
+    if len(sizes) > 1:
+        listed = ", ".join(f"{w}x{h}" for w, h in sizes[:4]) + (" ..." if len(sizes) > 4 else "")
+        on_warning(f"frame folder {folder} holds frames of different sizes ({listed}): each is "
+                   "resized and centre-cropped on its own, so their content may not line up; "
+                   "give frames of one size")
     return [loaded[i] for i in indices], len(images)
 
 
@@ -246,6 +253,8 @@ def _resize_crop(frame: Tensor, size: int) -> Tensor:
 
 
 def _first_line(err: BaseException) -> str:
+    if isinstance(err, av.FFmpegError) and err.strerror:
+        return err.strerror  # without PyAV's "[Errno -1094995529]" and the repeated path
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 

@@ -570,3 +570,144 @@ def shutil_copy(src: Path, dst: Path) -> None:
     import shutil
 
     shutil.copyfile(src, dst)
+
+
+# -- unsafe advice, wrong hints, inputs accepted without a word ------------------------------
+@pytest.fixture(scope="module")
+def done_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("done") / "run"
+    proc = leaps(*DEMO, "--iterations", "2", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+TORCH_FILE_DAMAGE = {
+    "truncated": (lambda data: data[:500], "is truncated or damaged, not a complete torch file"),
+    "text": (lambda data: b"hello\n", "is damaged or not a torch file"),
+    "a pickled command": (lambda data: _pickled_command(),
+                          "pickles posix.system, which leaps does not unpickle"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TORCH_FILE_DAMAGE))
+def test_damaged_torch_files_are_named_and_never_loaded_unsafely(done_run, tmp_path, case):
+    """Issue 23.2: evaluate's video.pt and --checkpoint, damaged or hostile: one line saying
+    what the file is, no advice to load it with weights_only=False."""
+    import shutil
+
+    damage, problem = TORCH_FILE_DAMAGE[case]
+    run = tmp_path / "run"
+    shutil.copytree(done_run, run)
+    (run / "video.pt").write_bytes(damage((done_run / "video.pt").read_bytes()))
+    evaluated = leaps("evaluate", run)
+    line = one_line_error(evaluated, f"{run / 'video.pt'} cannot be read: it {problem}")
+    assert "weights_only" not in line and "should never run" not in evaluated.stdout
+    checkpoint = leaps(*DEMO, "--checkpoint", run / "video.pt", "--out", tmp_path / "c")
+    line = one_line_error(checkpoint, f"cannot read checkpoint {run / 'video.pt'}: it {problem}")
+    assert "weights_only" not in line and not (tmp_path / "c").exists()
+
+
+def test_no_message_advises_an_unsafe_load():
+    """Every torch file leaps reads goes through leaps.files.load_torch_file (weights_only,
+    its own words for a failure); no source line outside it calls torch.load, and no message
+    text anywhere suggests weights_only=False or pickle."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    sources = [p for folder in ("leaps", "adapters") for p in (root / folder).rglob("*.py")]
+    assert len(sources) > 20
+    calls = {p.relative_to(root).as_posix() for p in sources
+             if re.search(r"torch\.load\(", re.sub(r"``[^`]*``|#.*", "", p.read_text()))}
+    assert calls == {"leaps/files.py"}, calls
+    unsafe = re.compile(r"weights_only\s*(=|set to|`\s*set to)\s*`?False|pickle\.loads?\(")
+    for path in sources:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            assert not unsafe.search(line), f"{path}:{number}: {line.strip()}"
+    from leaps.files import why_unreadable
+
+    advice = RuntimeError("Weights only load failed. Re-running `torch.load` with "
+                          "`weights_only` set to `False` will likely succeed")
+    assert "weights_only" not in why_unreadable(Path(__file__), advice)
+
+
+def test_a_nan_or_int8_checkpoint_is_named_not_the_learning_rate(tmp_path):
+    """Issue 23.6: such weights are refused when loading, before any run directory."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(STIMULI.parent / "demo.resnet3d.safetensors")
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    nan = dict(weights)
+    nan[name] = weights[name].clone()
+    nan[name].view(-1)[0] = float("nan")
+    save_file(nan, tmp_path / "nan.safetensors")
+    save_file({k: (v * 100).to(torch.int8) if v.is_floating_point() else v
+               for k, v in weights.items()}, tmp_path / "int8.safetensors")
+    for case, needles in (("nan", ("holds NaN or infinite values in " + name,)),
+                          ("int8", ("holds integer tensors for float parameters",
+                                    f"{name} (int8)", "quantized"))):
+        line = one_line_error(leaps(*DEMO, "--checkpoint", tmp_path / f"{case}.safetensors",
+                                    "--out", tmp_path / case), f"{case}.safetensors", *needles)
+        assert "--lr" not in line and not (tmp_path / case).exists()
+
+
+def test_unknown_target_lists_the_classes(tmp_path):
+    line = one_line_error(leaps(*UNTARGETED, "--target", "sideways", "--out", tmp_path / "r"),
+                          "unknown target class 'sideways'")
+    assert "(classes: left, right, up, down, clockwise, counterclockwise, grow, shrink)" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_video_errors_name_the_cause_without_errno_numbers(tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_text("not a video\n")
+    line = one_line_error(leaps(*DEMO, "--stimulus", bad, "--out", tmp_path / "r"),
+                          f"cannot read video {bad}", "Invalid data found when processing input")
+    assert "Errno" not in line and not (tmp_path / "r").exists()
+
+
+def _frames(folder: Path, sizes: list[tuple[int, int]]) -> Path:
+    from PIL import Image
+
+    folder.mkdir()
+    for i, size in enumerate(sizes):
+        Image.new("RGB", size, (30 * i, 60, 90)).save(folder / f"frame{i}.png")
+    return folder
+
+
+def test_mixed_size_frames_short_clips_and_explain_options_are_named(done_run, tmp_path):
+    """Issue 21.8 and 23.5: mixed frame sizes and a short clip get a warning in invert and
+    explain alike; explain --fps and evaluate --json are checked before any work."""
+    mixed = _frames(tmp_path / "mixed", [(64, 64), (80, 48)] * 4)
+    proc = leaps(*DEMO, "--iterations", "2", "--stimulus", mixed, "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    assert (f"warning: frame folder {mixed} holds frames of different sizes (64x64, 80x48)"
+            in proc.stderr)
+    short = _frames(tmp_path / "short", [(64, 64)] * 2)
+    proc = leaps("explain", "--model", "demo.resnet3d", short, "--out", tmp_path / "maps")
+    assert proc.returncode == 0, proc.stderr
+    assert (f"warning: video {short} has 2 frame(s), fewer than the model's 8" in proc.stderr)
+    for fps in ("0", "-5"):
+        one_line_error(leaps("explain", "--model", "demo.resnet3d", short, "--fps", fps,
+                             "--out", tmp_path / f"fps{fps}"), "--fps must be a number > 0",
+                       f"got {fps}")
+        assert not (tmp_path / f"fps{fps}").exists()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for option in ("--json", "--markdown"):
+        started = time.monotonic()
+        one_line_error(leaps("evaluate", done_run, option, afile / "e.out"),
+                       f"{option} {afile / 'e.out'} lies under {afile}, which is a file")
+        assert time.monotonic() - started < 30
+
+
+def test_run_json_is_strict_json(tmp_path):
+    """Issue 21.7: no NaN or Infinity in run.json (nor evaluate's JSON), whatever the run."""
+    path = tmp_path / "run.json"
+    runs.write_json(path, {"history": {"total": [1.0, float("nan")]}, "is": float("inf"),
+                           "nested": [{"x": float("-inf")}]})
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in strict JSON")
+
+    data = json.loads(path.read_text(), parse_constant=refuse)
+    assert data == {"history": {"total": [1.0, None]}, "is": None, "nested": [{"x": None}]}
