@@ -30,7 +30,9 @@ from leaps.testing import (
     check_norm_layers,
     check_registry_entry,
     check_tap_gradients,
+    check_tap_locality,
     check_taps,
+    check_taps_cover_blocks,
     registered_plugin,
 )
 
@@ -148,6 +150,25 @@ class TapsOutOfOrder(GoodAdapter):
         return super().taps(net, arch, spec)[::-1]
 
 
+class HeightWidthSwapped(GoodAdapter):
+    """Its taps read [B, C, T, W, H]: every shape check passes on square frames."""
+
+    name = "faulty.swapped"
+
+    def taps(self, net: nn.Module, arch: dict[str, Any], spec: InputSpec) -> list[Tap]:
+        return [Tap(t.name, t.module, lambda out: out.transpose(3, 4))
+                for t in super().taps(net, arch, spec)]
+
+
+class LastBlockOnly(GoodAdapter):
+    """The official code's defect: only the last block is tapped."""
+
+    name = "faulty.last"
+
+    def taps(self, net: nn.Module, arch: dict[str, Any], spec: InputSpec) -> list[Tap]:
+        return super().taps(net, arch, spec)[-1:]
+
+
 class TapBreaksGradient(GoodAdapter):
     """Its first tap's conversion rounds the activations: the graph stays, the gradient is 0."""
 
@@ -211,6 +232,9 @@ CHECKS: dict[str, Callable[[str, Path], None]] = {
     "registry_entry": lambda name, _: check_registry_entry(load_registry().get(name)),
     "checkpoint_round_trip": lambda name, tmp: check_checkpoint_round_trip(
         load_registry().get(name), tmp),
+    "tap_locality": lambda name, _: check_tap_locality(build_model(name, reduced=True)),
+    "taps_cover_blocks": lambda name, _: check_taps_cover_blocks(build_model(name,
+                                                                             reduced=True)),
 }
 
 FAULTS = [
@@ -218,6 +242,9 @@ FAULTS = [
     (TapBreaksGradient, "tap_gradients", "no gradient reaches the input from tap features.0"),
     (WrongNormStats, "norm_layers", "running stats of shape"),
     (LossyCheckpoint, "checkpoint_round_trip", "logits differ after a checkpoint round trip"),
+    (HeightWidthSwapped, "tap_locality", "is laid onto its [T, H, W] grid [2, 16, 16] wrongly"),
+    (LastBlockOnly, "taps_cover_blocks", "taps cover only 1 of the 2 Sequential blocks of "
+                                         "features; untapped: features.0"),
 ]
 
 
