@@ -711,3 +711,10 @@ def test_run_json_is_strict_json(tmp_path):
 
     data = json.loads(path.read_text(), parse_constant=refuse)
     assert data == {"history": {"total": [1.0, None]}, "is": None, "nested": [{"x": None}]}
+
+
+@pytest.mark.parametrize("where", ["/proc/leaps-run", "/sys/leaps-run", "/proc/self/a/b"])
+def test_out_under_proc_or_sys_is_one_line(where):
+    """Issue 23.5: pseudo file systems refuse the run directory with one line, no traceback."""
+    one_line_error(leaps(*DEMO, "--out", where), where)
+    assert not Path(where).exists()
