@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import functools
 import importlib.util
 import logging
 import math
@@ -45,6 +46,7 @@ from torch import Tensor, nn
 
 from leaps.adapter import (
     Adapter,
+    ConfigModel,
     InputSpec,
     Tap,
     VideoClassifier,
@@ -271,10 +273,10 @@ class MmactionAdapter(Adapter):
         ``cfg_options``, the input size and ``num_classes`` merged in, pretrained fields cleared."""
         from mmengine.config import Config
 
-        unknown = sorted(set(arch) - {"config", "cfg_options"})
+        unknown = sorted(set(arch) - {"config", "cfg_options", "any_backbone"})
         if unknown:
             raise LeapsError(f"{self.name}: unknown arch field(s) {', '.join(unknown)}; mmaction "
-                             "entries take arch.config and arch.cfg_options")
+                             "entries take arch.config, arch.cfg_options (and arch.any_backbone)")
         path = resolve_config_path(arch.get("config"))
         options = copy.deepcopy(arch.get("cfg_options") or {})
         if not isinstance(options, dict):
@@ -315,7 +317,8 @@ class MmactionAdapter(Adapter):
                              f"({_first_line(exc)}); fix the config or arch.cfg_options"
                              ) from None
         net.cfg = cfg  # as mmaction's init_recognizer does; save_checkpoint records it
-        self._check_backbone(net, arch["config"])
+        if not arch.get("any_backbone"):
+            self._check_backbone(net, arch["config"])
         return net
 
     def _size_options(self, spec: InputSpec) -> dict[str, int]:
@@ -337,13 +340,62 @@ class MmactionAdapter(Adapter):
                              "pixels); set input.mean/std to the config's with value_range: 255")
 
     def _check_backbone(self, net: nn.Module, config: str) -> None:
-        kind = type(getattr(net, "backbone", None)).__name__
-        if kind in self.backbones:
+        backbone = type(getattr(net, "backbone", None))
+        kind = backbone.__name__
+        # A backbone subclassing a tapped one (a user's variant) has the same layers.
+        if any(base.__name__ in self.backbones for base in backbone.__mro__):
             return
         owner = next((a.name for a in ADAPTERS if kind in a.backbones), None)
         hint = f"use adapter {owner}" if owner else "no mmaction adapter taps it yet"
         raise LeapsError(f"{config} builds a {kind} backbone, but {self.name} taps "
                          f"{'/'.join(self.backbones)}; {hint}")
+
+    # -- a user's config file (leaps invert --config) --------------------------------------
+    @classmethod
+    def read_config(cls, path: Path, frames: int | None = None, size: int | None = None,
+                    forced: bool = False) -> ConfigModel | None:
+        """An mmaction2 recognizer config (a ``.py`` file with ``model = dict(type=...Recognizer
+        ..., backbone=...)``, as ``tools/train.py`` writes it into its work dir): taken by the
+        adapter that taps its backbone type. Frames come from the test pipeline's sampling step
+        (``clip_len``; ``num_clips`` of 2D recognizers' one-frame segments) or the fields that
+        fix the model's input (``num_frames``, ``num_segments`` ...), the size from its crop
+        (``CenterCrop``/``ThreeCrop``/``TenCrop``) or else its ``Resize`` scale, mean/std from
+        ``model.data_preprocessor`` on 0-255 pixels, the class count from ``cls_head``."""
+        cfg = _read_user_config(path)
+        if cfg is None:
+            return None
+        backbone = _type_name(cfg.model.get("backbone", {}).get("type"))
+        owner = adapter_for_backbone(backbone)
+        if not forced:
+            if owner is None:
+                tapped = ", ".join(f"{'/'.join(a.backbones)} ({a.name})" for a in ADAPTERS)
+                raise LeapsError(f"{path} builds a {backbone} backbone, which no adapter taps "
+                                 f"(the mmaction adapters tap: {tapped}); pass --adapter NAME to "
+                                 "force one whose layers it shares")
+            if owner is not cls:
+                return None
+        fixed = {what: [(key, _lookup(cfg, key)) for key in keys
+                        if _lookup(cfg, key) is not None]
+                 for what, keys in cls.size_options.items()}
+        sampled, cropped = _pipeline_input(cfg)
+        frames = _input_value(path, "frames", frames, sampled, fixed.get("frames", []))
+        size = _input_value(path, "size", size, cropped, fixed.get("size", []))
+        preprocessor = cfg.model.get("data_preprocessor") or {}
+        mean = _triple(path, "mean", preprocessor.get("mean"), 0.0)
+        std = _triple(path, "std", preprocessor.get("std"), 1.0)
+        if min(std) <= 0:
+            raise LeapsError(f"{path}: model.data_preprocessor.std {list(std)} must be positive;"
+                             " fix the config")
+        head = cfg.model.get("cls_head") or {}
+        num_classes = head.get("num_classes")
+        arch: dict[str, Any] = {"config": str(path)}
+        if owner is not cls:
+            arch["any_backbone"] = True
+        return ConfigModel(arch=arch, frames=frames, size=size, mean=mean, std=std,
+                           value_range=255.0,
+                           num_classes=int(num_classes) if num_classes is not None else None,
+                           describes=f"an mmaction2 {_type_name(cfg.model.get('type'))} with a "
+                                     f"{backbone} backbone")
 
     # -- running --------------------------------------------------------------------------
     def forward(self, net: nn.Module, x: Tensor) -> Tensor:
@@ -532,6 +584,147 @@ class TSMAdapter(MmactionAdapter):
 
         return [Tap("backbone.conv1", net.backbone.conv1, to_video),
                 *(replace(tap, to_video=to_video) for tap in _blocks(net.backbone))]
+
+
+# -- reading a user's config file -----------------------------------------------------------
+_SAMPLERS = ("SampleFrames", "UniformSample", "UniformSampleFrames", "DenseSampleFrames")
+_CROPS = ("CenterCrop", "ThreeCrop", "TenCrop")
+
+
+def _read_user_config(path: Path) -> Config | None:
+    """``path`` parsed as an mmengine config, if it is one of an mmaction2 recognizer (a
+    ``model`` with a ``backbone``); None for anything else, or without mmaction2."""
+    if path.suffix != ".py" or importlib.util.find_spec("mmengine") is None \
+            or importlib.util.find_spec("mmaction") is None:
+        return None
+    return _parse_config(str(path), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_config(path: str, mtime: int) -> Config | None:
+    from mmengine.config import Config
+
+    try:
+        with _quiet(logging.ERROR):
+            cfg = Config.fromfile(path)
+    except Exception as exc:  # noqa: BLE001 - whatever a user's broken config raises
+        raise LeapsError(f"cannot read the config {path} ({_first_line(exc)}); fix it so that "
+                         "mmaction2's tools/test.py could run it") from None
+    model = cfg.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("backbone"), dict):
+        return None
+    return cfg
+
+
+def _type_name(kind: Any) -> str:
+    """A config's ``type``: a registry name (``ResNet3d``, ``mmaction.ResNet3d``) or a class."""
+    name = kind.__name__ if isinstance(kind, type) else str(kind)
+    return name.rsplit(".", 1)[-1]
+
+
+def adapter_for_backbone(backbone: str) -> type[MmactionAdapter] | None:
+    """The adapter that taps a backbone type: by its name, else (a backbone registered by
+    the user's own code) by the nearest tapped class it derives from."""
+    for adapter in ADAPTERS:
+        if backbone in adapter.backbones:
+            return adapter
+    import_mmaction_models()
+    from mmaction.registry import MODELS
+
+    try:
+        found = MODELS.get(backbone)
+    except Exception:  # noqa: BLE001 - mmengine raises various errors for unknown scopes
+        found = None
+    for base in getattr(found, "__mro__", ()):
+        for adapter in ADAPTERS:
+            if base.__name__ in adapter.backbones:
+                return adapter
+    return None
+
+
+def _lookup(cfg: Any, dotted: str) -> Any:
+    node: Any = {"model": cfg.get("model")}
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _pipeline_input(cfg: Config) -> tuple[int | None, int | None]:
+    """Frames and crop size of the config's test pipeline (else its validation pipeline)."""
+    pipeline: Any = None
+    for loader in ("test_dataloader", "val_dataloader"):
+        dataset = (cfg.get(loader) or {}).get("dataset") or {}
+        pipeline = dataset.get("pipeline") or (dataset.get("dataset") or {}).get("pipeline")
+        if pipeline:
+            break
+    pipeline = pipeline or cfg.get("test_pipeline") or cfg.get("val_pipeline") or []
+    frames = size = resized = None
+    two_d = "2D" in _type_name(cfg.model.get("type"))
+    for step in pipeline:
+        kind = _type_name(step.get("type")) if isinstance(step, dict) else ""
+        if kind in _SAMPLERS and frames is None:
+            clip_len = step.get("clip_len")
+            frames = step.get("num_clips") if two_d and clip_len == 1 else clip_len
+        elif kind in _CROPS:
+            size = _square(step.get("crop_size"))
+        elif kind == "Resize" and step.get("scale") is not None:
+            resized = _square(step.get("scale"))
+    return (int(frames) if isinstance(frames, int) else None), size or resized
+
+
+def _square(value: Any) -> int | None:
+    """A crop size or resize scale as one side: an int, (s, s), or (-1, s) (short side)."""
+    if isinstance(value, int):
+        return value if value > 0 else None
+    if isinstance(value, (list, tuple)):
+        sides = {int(v) for v in value if isinstance(v, (int, float)) and v > 0}
+        return sides.pop() if len(sides) == 1 else None
+    return None
+
+
+def _input_value(path: Path, what: str, given: int | None, piped: int | None,
+                 fixed: list[tuple[str, Any]]) -> int:
+    """Frames or size: ``--frames``/``--size`` if given, else what fixes the model's input,
+    else the test pipeline's; any two of them that disagree are an error."""
+    option = f"--{what}"
+    fixed_values = {int(_square(v) or 0) for _, v in fixed}
+    if len(fixed_values) > 1:
+        listed = ", ".join(f"{k}={v!r}" for k, v in fixed)
+        raise LeapsError(f"{path} is inconsistent: {listed}; make them equal")
+    model_value = fixed_values.pop() if fixed_values else None
+    key = fixed[0][0] if fixed else ""
+    if given is not None:
+        if given < 1:
+            raise LeapsError(f"{option} must be a positive number, got {given}")
+        if model_value is not None and given != model_value:
+            raise LeapsError(f"{option} {given} conflicts with {key}={model_value} in {path.name}"
+                             f": the model is built for {model_value}; drop {option}")
+        return given
+    if model_value is not None:
+        if piped is not None and piped != model_value:
+            raise LeapsError(f"{path} is inconsistent: its test pipeline gives {what} {piped} "
+                             f"but {key}={model_value}; make them equal")
+        return model_value
+    if piped is None:
+        step = "SampleFrames step with clip_len" if what == "frames" else \
+            "CenterCrop (or Resize) step"
+        raise LeapsError(f"{path} has no test pipeline {step} to read the input {what} from; "
+                         f"pass {option} N")
+    return piped
+
+
+def _triple(path: Path, key: str, value: Any, default: float) -> tuple[float, float, float]:
+    if value is None:
+        return (default,) * 3  # type: ignore[return-value]
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
+        raise LeapsError(f"{path}: model.data_preprocessor.{key} must be three numbers "
+                         f"(R, G, B), got {value!r}; fix the config")
+    return tuple(float(v) for v in values)  # type: ignore[return-value]
 
 
 ADAPTERS: tuple[type[MmactionAdapter], ...] = (

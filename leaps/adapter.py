@@ -88,6 +88,21 @@ def channels_last_to_video(x: Tensor) -> Tensor:
     return x.permute(0, 4, 1, 2, 3)
 
 
+@dataclass(frozen=True)
+class ConfigModel:
+    """What an adapter reads from a config file of its library (``leaps invert --config``):
+    the registry fields of the model the file describes, found in the file itself."""
+
+    arch: dict[str, Any]                 # what the adapter builds from (e.g. the config path)
+    frames: int
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    value_range: float
+    num_classes: int | None              # the classifier's outputs, when the file says
+    describes: str                       # what the file builds, for messages ("a X3D ...")
+
+
 @dataclass
 class Tap:
     """One embedding layer: the module whose output is captured, and how to read it as video."""
@@ -213,6 +228,19 @@ class Adapter:
         raise NotImplementedError
 
     # -- defaults a family may override -----------------------------------------------
+    @classmethod
+    def read_config(cls, path: Path, frames: int | None = None, size: int | None = None,
+                    forced: bool = False) -> ConfigModel | None:
+        """The model a config file of this adapter's library describes, when this adapter
+        builds it (``leaps invert --config FILE``); None when the file is not such a config.
+
+        ``frames``/``size`` override what the file says (the user's ``--frames``/``--size``);
+        ``forced`` means the user named this adapter (``--adapter``), so a config of its
+        library is taken whatever architecture it builds. Raises :class:`LeapsError` (one line
+        naming the file and the fix) for a config of its library that it cannot use: broken,
+        inconsistent, or of an architecture that no adapter of the library taps."""
+        return None
+
     def forward(self, net: nn.Module, x: Tensor) -> Tensor:
         """Run the network on a normalised ``[B,3,T,H,W]`` clip; return logits."""
         return net(x)

@@ -121,6 +121,38 @@ def _table(title: str, columns: list[str]) -> Any:
     return table
 
 
+def registry_option(command: Any) -> Any:
+    """``--registry FILE`` (repeatable): registry YAML files added for this command."""
+
+    def add(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> None:
+        if value:
+            from leaps.registry import add_registry_files
+
+            add_registry_files(value)
+
+    return click.option("--registry", "registry_files", multiple=True, expose_value=False,
+                        is_eager=True, callback=add, metavar="FILE",
+                        help="A registry YAML file (registry.yaml's schema) whose models are "
+                             "added; repeatable (also: LEAPS_REGISTRY, a path list).")(command)
+
+
+def own_model_options(command: Any) -> Any:
+    """``--config FILE`` with ``--frames``/``--size``: a model given by its library's config
+    file (an mmaction2 config), with ``--checkpoint`` and ``--labels``; no registry entry."""
+    for option in reversed([
+        click.option("--config", "model_config", type=click.Path(dir_okay=False),
+                     help="Your model's config file (an mmaction2 config, e.g. the one in "
+                          "its work dir): the adapter and input come from it; pass --checkpoint "
+                          "and --labels with it."),
+        click.option("--frames", type=int, help="Input frames of a --config model [default: "
+                                                 "its test pipeline's clip length]."),
+        click.option("--size", type=int, help="Input crop size of a --config model [default: "
+                                               "its test pipeline's crop]."),
+    ]):
+        command = option(command)
+    return registry_option(command)
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def plugins(as_json: bool) -> None:
@@ -153,6 +185,7 @@ def plugins(as_json: bool) -> None:
 @cli.command()
 @click.argument("pattern", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@registry_option
 def models(pattern: str | None, as_json: bool) -> None:
     """List registry models (PATTERN: a glob or substring, e.g. 'mmaction.*' or 'x3d')."""
     from leaps.registry import load_registry, missing_requirements
@@ -179,16 +212,21 @@ def models(pattern: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = _table(f"leaps models ({len(rows)})",
-                   ["model", "adapter", "paper", "input", "labels", "verifier",
-                    "λ1/λL/r", "usable"])
+    from importlib import resources
+
+    builtin = str(resources.files("leaps") / "registry.yaml")
+    columns = ["model", "adapter", "paper", "input", "labels", "verifier", "λ1/λL/r", "usable"]
+    added = any(row["source"] != builtin for row in rows)
+    table = _table(f"leaps models ({len(rows)})", columns + (["from"] if added else []))
     for row in rows:
         # escaped: rich would read "[transformers]" of a pip line as markup and drop it
         table.add_row(*map(escape, (
             row["name"], row["adapter"], row["paper"] or "",
             f"{row['frames']}x{row['size']}²", str(row["labels"]), row["verifier"],
             "{lambda_1:g}/{lambda_L:g}/{r:g}".format(**row["leaps"]),
-            "yes" if row["usable"] else f"no: {row['why_not']}")))
+            "yes" if row["usable"] else f"no: {row['why_not']}",
+            *([("built-in" if row["source"] == builtin else row["source"])]
+              if added else []))))
     _console().print(table)
 
 
@@ -199,15 +237,20 @@ def models(pattern: str | None, as_json: bool) -> None:
               help="Use the model's real input size instead of its small test size.")
 @click.option("--checkpoint", help="Weights (file or folder) whose architecture to show.")
 @click.option("--labels", type=click.Path(), help="Class names, one a line (fine-tuned model).")
+@own_model_options
 def layers(adapter: str | None, model: str | None, full_size: bool, checkpoint: str | None,
-           labels: str | None) -> None:
+           labels: str | None, model_config: str | None, frames: int | None,
+           size: int | None) -> None:
     """Show a model's taps with their shapes, its norm layers and its Grad-CAM target."""
     import torch
 
+    from leaps.model_files import resolve_model_options
     from leaps.registry import build_model
     from leaps.testing import capture_taps
 
-    reduced = not full_size
+    model, adapter, own = resolve_model_options(model, adapter, model_config, frames, size,
+                                                labels)
+    reduced = not (full_size or own)
     classifier = build_model(model, adapter=adapter, reduced=reduced, checkpoint=checkpoint,
                              labels=labels)
     spec = classifier.spec
@@ -267,8 +310,9 @@ def _config_options(command: Any) -> Any:
               help="Stimulus video (mp4/avi/webm/mkv/gif) or frame folder; repeat for "
                    "multi-stimulus priming; CLASS=PATH assigns it to one of several targets.")
 @click.option("--stimuli", "stimuli_dir", type=click.Path(),
-              help="Folder of stimulus videos named <class>_<n>.mp4, used for every target "
-                   "without --stimulus (the layout of a registry entry's stimuli folder).")
+              help="Folder of stimuli per class: DIR/<class>/* (Kinetics layout) or "
+                   "DIR/<class>_<n>.mp4 (a registry entry's stimuli folder); with --target "
+                   "all, every class that has clips.")
 @click.option("--verifier", help="Verifier model name, 'self' or 'none' [default: registry].")
 @click.option("--verifier-checkpoint",
               help="Weights of the verifier (file or folder, its family's native format).")
@@ -282,11 +326,13 @@ def _config_options(command: Any) -> Any:
               help="Continue an interrupted run from its directory (its options are reused).")
 @click.option("--reduced", is_flag=True, help="Build the models at their small test size.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@own_model_options
 @_config_options
 def invert(model: str | None, adapter: str | None, targets: tuple[str, ...],
            stimuli: tuple[str, ...], stimuli_dir: str | None, verifier: str | None,
            verifier_checkpoint: str | None, checkpoint: str | None,
            labels: str | None, out: str | None, resume: str | None, reduced: bool, quiet: bool,
+           model_config: str | None, frames: int | None, size: int | None,
            **options: Any) -> None:
     """Synthesize videos of target classes from what a model learned (LEAPS)."""
     from leaps import runs
@@ -298,23 +344,27 @@ def invert(model: str | None, adapter: str | None, targets: tuple[str, ...],
         raise LeapsError("--out cannot be given with --resume: a resumed run stays in its "
                          "directory; drop --out")
     if resume is None and out is None:
-        out = str(runs.default_run_dir(model or adapter or "model"))
+        named = model or (model_config and Path(model_config).stem) or adapter or "model"
+        out = str(runs.default_run_dir(named))
     try:
         result = run_inversion(model, adapter=adapter, targets=targets, stimuli=stimuli,
                                verifier=verifier, checkpoint=checkpoint, labels=labels,
                                config=None if resume else InvertConfig(**given), out=out,
                                resume=resume, reduced=reduced, progress=not quiet,
                                changes=given if resume else None,
-                               verifier_checkpoint=verifier_checkpoint, stimuli_dir=stimuli_dir)
+                               verifier_checkpoint=verifier_checkpoint, stimuli_dir=stimuli_dir,
+                               model_config=model_config, frames=frames, size=size)
     except KeyboardInterrupt as exc:
         click.echo(f"{_stopped(exc)}; {runs.stopped_state(Path(resume or out))}", err=True)
         raise SystemExit(_exit_code(exc)) from None
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return  # under torchrun rank 0 reports the run
     metrics = result.metrics
-    line = (f"model top-1 {metrics['model_accuracy']:.0%}"
-            + (f", verifier top-1 {metrics['verifier_accuracy']:.0%}"
-               if "verifier_accuracy" in metrics else ""))
+    judge = {"self": "verifier self (the model itself; --verifier NAME for another)",
+             "none": "no verifier"}.get(str(result.verifier), f"verifier {result.verifier}")
+    line = (f"model top-1 {metrics['model_accuracy']:.0%}; {judge}"
+            + (f" top-1 {metrics['verifier_accuracy']:.0%}"
+               if "verifier_accuracy" in metrics and result.verifier != "self" else ""))
     click.echo(f"{result.run_dir}: {len(result.labels)} clip(s) of "
                f"{', '.join(dict.fromkeys(result.labels))}; {line}")
 

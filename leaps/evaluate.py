@@ -256,7 +256,10 @@ def _run_model(run: Run, models: _Models) -> Any:
             raise LeapsError(f"{run.path}: checkpoint {checkpoint} changed since the run "
                              "(sha256 differs); restore the weights the run used")
     try:
-        return models.get(record["model"], checkpoint, record.get("labels"),
+        from leaps.model_files import restore_model
+
+        # a model given by its config file or a --registry file is registered again first
+        return models.get(restore_model(record, run.path), checkpoint, record.get("labels"),
                           bool(record["reduced"]))
     except LeapsError as exc:
         raise LeapsError(f"{run.path}: {exc}") from None

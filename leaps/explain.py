@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from leaps.cli import own_model_options
 from leaps.errors import LeapsError
 
 # Frames smaller than this (short side) are scaled up by an integer factor (nearest neighbour)
@@ -143,21 +144,26 @@ def explain_videos(videos: Sequence[str | Path], model: str | None = None, *,
                    labels: str | Path | None = None, reduced: bool = False,
                    out: str | Path | None = None, device: str = "auto", batch_size: int = 4,
                    fps: float = 8.0, alpha: float = 0.5,
-                   on_warning: Callable[[str], None] | None = None) -> list[Explanation]:
+                   on_warning: Callable[[str], None] | None = None,
+                   model_config: str | Path | None = None, frames: int | None = None,
+                   size: int | None = None) -> list[Explanation]:
     """Explain a registry model's decision on each video with one attribution method.
 
     ``model``/``adapter`` pick the registry entry (``checkpoint``/``labels`` for fine-tuned
-    weights, ``reduced`` for its small test size); ``method`` is a name of
-    :data:`leaps.attribution.METHODS` (aliases: ig, gxi, grad-cam, extremal ...), ``params``
-    its keyword parameters, ``layer`` the Grad-CAM tap. ``target`` is a class name or index
-    for every video; None explains each video's predicted class. Clips are read at the model's
-    input size and explained ``batch_size`` at a time. With ``out`` the files described in
-    this module's docstring are written (atomically, as one directory); without it nothing is
-    written. Raises :class:`LeapsError` (nothing written) for any bad input.
+    weights, ``reduced`` for its small test size), or ``model_config`` is the model's own
+    config file (:mod:`leaps.model_files`; ``frames``/``size`` override its input);
+    ``method`` is a name of :data:`leaps.attribution.METHODS` (aliases: ig, gxi, grad-cam,
+    extremal ...), ``params`` its keyword parameters, ``layer`` the Grad-CAM tap. ``target``
+    is a class name or index for every video; None explains each video's predicted class.
+    Clips are read at the model's input size and explained ``batch_size`` at a time. With
+    ``out`` the files described in this module's docstring are written (atomically, as one
+    directory); without it nothing is written. Raises :class:`LeapsError` (nothing written)
+    for any bad input.
     """
     from leaps.adapter import checkpoint_sha256
     from leaps.attribution import GradCAM, get_method, heatmap
     from leaps.invert import resolve_device, resolve_target
+    from leaps.model_files import config_record, resolve_model_options
     from leaps.plugins import get_host
     from leaps.registry import build_model, load_registry
     from leaps.runs import library_versions
@@ -178,6 +184,8 @@ def explain_videos(videos: Sequence[str | Path], model: str | None = None, *,
     if out_dir is not None:
         _check_out(out_dir)
     torch_device = resolve_device(device)
+    forced = adapter if model_config is not None else None
+    model, adapter, _ = resolve_model_options(model, adapter, model_config, frames, size, labels)
     spec = load_registry().resolve(model, adapter)
     classifier = build_model(spec.name, checkpoint=checkpoint, labels=labels, reduced=reduced,
                              device=str(torch_device))
@@ -219,6 +227,8 @@ def explain_videos(videos: Sequence[str | Path], model: str | None = None, *,
         weights = str(spec.checkpoint_path()) if spec.checkpoint_path() else None
     common = {
         "model": spec.name, "adapter": spec.adapter, "checkpoint": weights,
+        "model_config": (config_record(spec, model_config, forced, frames, size)
+                         if model_config is not None else None),
         "checkpoint_sha256": (checkpoint_sha256(spec.adapter, weights)
                               if weights and Path(weights).exists() else None),
         "labels": str(labels) if labels else None, "reduced": reduced,
@@ -302,22 +312,25 @@ def _write_all(out_dir: Path, results: list[Explanation], fps: float, alpha: flo
               help="Videos explained per pass.")
 @click.option("--fps", type=float, default=8.0, show_default=True,
               help="Frame rate of the written GIF and MP4.")
+@own_model_options
 def explain(videos: tuple[str, ...], model: str | None, adapter: str | None, method: str,
             target: str | None, layer: str | None, params: tuple[str, ...],
             checkpoint: str | None, labels: str | None, reduced: bool, out: str | None,
-            device: str, batch_size: int, fps: float) -> None:
+            device: str, batch_size: int, fps: float, model_config: str | None,
+            frames: int | None, size: int | None) -> None:
     """Explain a model's decision on each VIDEO: heat-map overlays (GIF, MP4), a frame grid,
     the raw map and a JSON record per video."""
     from leaps.attribution import get_method
     from leaps.runs import default_run_dir
 
     if out is None:
-        name = model or adapter or "model"
+        name = model or (model_config and Path(model_config).stem) or adapter or "model"
         out = str(default_run_dir(f"{name}-{get_method(method).name}", root="explanations"))
     results = explain_videos(videos, model, adapter=adapter, method=method, target=target,
                              layer=layer, params=parse_params(params), checkpoint=checkpoint,
                              labels=labels, reduced=reduced, out=out, device=device,
-                             batch_size=batch_size, fps=fps)
+                             batch_size=batch_size, fps=fps, model_config=model_config,
+                             frames=frames, size=size)
     for item in results:
         prediction = item.record["prediction"]
         click.echo(f"{item.video}: predicted {prediction['name']!r} "

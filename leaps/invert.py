@@ -394,6 +394,7 @@ class InversionResult:
     history: dict[str, list[float]]  # loss terms per iteration
     metrics: dict[str, Any]
     run_dir: Path | None
+    verifier: str | None = None      # the verifier's name ('self', 'none', a registry model)
 
 
 def resolve_target(target: str | int, labels: Sequence[str]) -> int:
@@ -455,10 +456,15 @@ def invert(model: str | None = None, *, adapter: str | None = None,
            on_warning: Callable[[str], None] = warn,
            changes: dict[str, Any] | None = None,
            verifier_checkpoint: str | Path | None = None,
-           stimuli_dir: str | Path | None = None) -> InversionResult:
+           stimuli_dir: str | Path | None = None, model_config: str | Path | None = None,
+           frames: int | None = None, size: int | None = None) -> InversionResult:
     """Synthesize clips of ``targets`` from a registry model, primed by stimulus videos.
 
-    ``model``/``adapter`` pick the registry entry; ``verifier`` is a registry model, ``"self"``,
+    ``model``/``adapter`` pick the registry entry, or ``model_config`` is the model's own
+    config file (an mmaction2 config; :mod:`leaps.model_files`; ``adapter`` then forces the
+    adapter, ``frames``/``size`` override its input size, ``labels`` names its classes);
+    ``stimuli_dir`` holds stimuli per class (``DIR/<class>/*`` or ``DIR/<class>_*.*``);
+    ``verifier`` is a registry model, ``"self"``,
     ``"none"`` or None (the entry's default); ``checkpoint``/``labels`` load a fine-tuned model;
     ``out`` is the run directory (None: no files are written); ``resume`` continues an
     interrupted run from its directory with the options it was started with (``changes``:
@@ -483,7 +489,8 @@ def invert(model: str | None = None, *, adapter: str | None = None,
                           config=config, out=out, resume=resume, reduced=reduced,
                           on_warning=on_warning, changes=changes or {},
                           processes=processes, held=held,
-                          verifier_checkpoint=verifier_checkpoint, stimuli_dir=stimuli_dir)
+                          verifier_checkpoint=verifier_checkpoint, stimuli_dir=stimuli_dir,
+                          model_config=model_config, frames=frames, size=size)
         todo = processes.broadcast([b for b in run.batches if not run.is_done(b)])
         run.work(processes.share(todo), progress)
         processes.barrier()
@@ -669,7 +676,8 @@ class PreparedRun:
             # Only now, with every output written and run.json saying done, the batches go.
             self.files.remove()
         y = [self.indices[t] for b in self.batches for t, _ in b.clips]
-        return InversionResult(video, y, per_sample, history, metrics, run_dir)
+        return InversionResult(video, y, per_sample, history, metrics, run_dir,
+                               self.record.get("verifier"))
 
 
 def merge_histories(parts: Sequence[tuple[dict[str, list[float]], int]]
@@ -709,7 +717,8 @@ def prepare_run(model: str | None = None, *, adapter: str | None = None,
                 reduced: bool = False, on_warning: Callable[[str], None] = warn,
                 changes: dict[str, Any] | None = None, processes: Any = None,
                 held: list[Any] | None = None, verifier_checkpoint: str | Path | None = None,
-                stimuli_dir: str | Path | None = None) -> PreparedRun:
+                stimuli_dir: str | Path | None = None, model_config: str | Path | None = None,
+                frames: int | None = None, size: int | None = None) -> PreparedRun:
     """Validate, build the models, plan the batches and (rank 0) claim the run directory and
     write run.json: everything :func:`invert` does before the optimisation. The run
     directory's lock is appended to ``held`` (the caller releases it). ``verifier_checkpoint``
@@ -719,15 +728,17 @@ def prepare_run(model: str | None = None, *, adapter: str | None = None,
     from leaps.adapter import checkpoint_sha256, untrained_statistics
     from leaps.batches import BatchFiles, Processes, on_rank0, plan_batches
     from leaps.files import WriteError
+    from leaps.model_files import config_record, resolve_model_options, restore_model
     from leaps.plugins import get_host
-    from leaps.registry import build_model, load_registry, missing_requirements
-    from leaps.video import read_clips
+    from leaps.registry import build_model, load_registry, missing_requirements, registry_files
+    from leaps.video import class_clips, read_clips
 
     processes = processes or Processes()
     held = held if held is not None else []
     changes = changes or {}
     rank0 = processes.rank == 0
     resuming = resume is not None
+    forced_adapter: str | None = None
     if resuming:
         run_dir: Path | None = Path(resume)
         saved = runs.read_run(run_dir)
@@ -739,11 +750,12 @@ def prepare_run(model: str | None = None, *, adapter: str | None = None,
         runs.check_resume_arguments(saved, model=model, adapter=adapter, targets=targets,
                                     stimuli=stimuli, verifier=verifier, checkpoint=checkpoint,
                                     labels=labels, reduced=reduced,
-                                    verifier_checkpoint=verifier_checkpoint)
+                                    verifier_checkpoint=verifier_checkpoint,
+                                    model_config=model_config, frames=frames, size=size)
         if stimuli_dir is not None:
             raise LeapsError("--stimuli cannot be given with --resume: a resumed run keeps its "
                              "stimuli; drop --stimuli")
-        model, adapter = saved["model"], None
+        model, adapter = restore_model(saved, run_dir), None
         targets, groups = saved["targets"], saved["stimuli"]
         verifier, checkpoint, labels = saved["verifier"], saved["checkpoint"], saved["labels"]
         verifier_checkpoint = saved.get("verifier_checkpoint")
@@ -766,35 +778,49 @@ def prepare_run(model: str | None = None, *, adapter: str | None = None,
         (config or InvertConfig()).validate()
         if run_dir is not None and rank0:
             runs.check_new_run_dir(run_dir)
-        groups = group_stimuli(targets, stimuli) if stimuli else []
+        if stimuli and stimuli_dir is not None:
+            raise LeapsError("give stimuli either as a folder (--stimuli DIR) or one by one "
+                             "(--stimulus PATH), not both")
+        groups = []
+        forced_adapter = adapter if model_config is not None else None
+        model, adapter, _ = resolve_model_options(
+            model, adapter, model_config, frames, size, labels,
+            on_warning if rank0 else (lambda _: None))
     registry = load_registry()
     spec = registry.resolve(model, adapter)
     seed = (config or InvertConfig()).seed
     classifier = _seeded(seed, lambda: build_model(spec.name, checkpoint=checkpoint,
                                                    labels=labels, reduced=reduced))
     class_names = classifier.labels
-    if not resuming and list(targets) == ["all"] and "all" not in class_names:
-        targets = list(class_names)
-    indices = [resolve_target(t, class_names) for t in targets]
     priming = (config or InvertConfig()).priming_weight > 0
+    every = not resuming and list(targets) == ["all"] and "all" not in class_names
+    found: dict[str, list[Path]] = {}
+    if not resuming and stimuli_dir is not None:
+        found = class_clips(stimuli_dir, class_names, on_warning if rank0 else (lambda _: None))
+    if every:
+        targets = [name for name in class_names if name in found] if found else list(class_names)
+    indices = [resolve_target(t, class_names) for t in targets]
+    if not resuming and stimuli:
+        groups = group_stimuli(targets, stimuli)
+    if found:
+        lacking = [class_names[i] for i in indices if class_names[i] not in found]
+        if lacking and priming:
+            raise LeapsError("LEAPS primes the model with stimulus videos of the target class "
+                             f"and {stimuli_dir} holds none for {', '.join(lacking)} (files "
+                             "named <class>_<n>.mp4, or <class>/ folders of clips): add them, "
+                             "or pass --priming-weight 0 to invert without priming")
+        if lacking and rank0:
+            on_warning(f"{stimuli_dir} holds no clips of {', '.join(lacking)}: inverting "
+                       "without stimuli (--priming-weight 0)")
+        groups = [] if lacking else [[str(p) for p in found[class_names[i]]] for i in indices]
     if not resuming and not groups and priming:
-        from leaps.registry import stimulus_files
-
-        if stimuli_dir is not None and not Path(stimuli_dir).is_dir():
-            raise LeapsError(f"--stimuli {stimuli_dir} is not a folder; pass a folder of "
-                             "stimulus videos named <class>_<n>.mp4")
-        groups = [[str(p) for p in (stimulus_files(Path(stimuli_dir), class_names[i])
-                                    if stimuli_dir is not None
-                                    else spec.stimulus_files(class_names[i]))]
-                  for i in indices]
+        groups = [[str(p) for p in spec.stimulus_files(class_names[i])] for i in indices]
         missing = [class_names[i] for i, group in zip(indices, groups) if not group]
         if missing:
-            where = (f"{stimuli_dir} holds" if stimuli_dir is not None
-                     else f"{spec.name!r} ships")
             raise LeapsError("LEAPS primes the model with stimulus videos of the target class "
-                             f"and {where} none for {', '.join(missing)} (files named "
-                             "<class>_<n>.mp4): pass --stimulus PATH or --stimuli FOLDER (or "
-                             "--priming-weight 0 to invert without priming)")
+                             f"and {spec.name!r} ships none for {', '.join(missing)}: pass "
+                             "--stimulus PATH or --stimuli FOLDER (or --priming-weight 0 to "
+                             "invert without priming)")
     fs = classifier.spec
 
     def short(source: str | Path, count: int) -> None:
@@ -834,6 +860,11 @@ def prepare_run(model: str | None = None, *, adapter: str | None = None,
     record: dict[str, Any] = {
         "format": runs.RUN_FORMAT, "status": "running", "adapter": spec.adapter,
         "model": spec.name,
+        "model_config": (config_record(spec, model_config, forced_adapter, frames, size)
+                         if model_config is not None and not resuming else None),
+        "registry_file": (spec.source if any(str(f.resolve()) == spec.source
+                                             for f in registry_files()) else None),
+        "stimuli_dir": str(stimuli_dir) if stimuli_dir is not None else None,
         "checkpoint": str(checkpoint) if checkpoint else None,
         "checkpoint_sha256": (checkpoint_sha256(spec.adapter, checkpoint)
                               if checkpoint and Path(str(checkpoint)).exists() else None),

@@ -432,10 +432,50 @@ def _importable(module: str) -> bool:
 
 
 _REGISTRY: Registry | None = None
+REGISTRY_ENV = "LEAPS_REGISTRY"
+_EXTRA_FILES: list[Path] = []
+
+
+def registry_files() -> list[Path]:
+    """The registry files added to the built-in one: ``LEAPS_REGISTRY`` (a path list, joined
+    by ``os.pathsep``) and those given with ``--registry`` (:func:`add_registry_files`)."""
+    import os
+
+    listed = [Path(p) for p in os.environ.get(REGISTRY_ENV, "").split(os.pathsep) if p.strip()]
+    for path in listed:
+        if not path.is_file():
+            raise LeapsError(f"{REGISTRY_ENV} names {path}, which is not a file; fix the "
+                             "variable (registry YAML files joined by "
+                             f"{os.pathsep!r})")
+    files = []
+    for path in [*listed, *_EXTRA_FILES]:
+        if path.resolve() not in [f.resolve() for f in files]:
+            files.append(path)
+    return files
+
+
+def add_registry_files(paths: list[str | Path] | tuple[str | Path, ...]) -> None:
+    """Add registry YAML files (the schema of registry.yaml) to the registry, as ``--registry
+    FILE`` does; the registry is loaded again with them on its next use."""
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.is_file():
+            raise LeapsError(f"registry file {path} does not exist; pass a YAML file with a "
+                             "'models:' mapping (the schema of registry.yaml) to --registry")
+        if path.resolve() not in [p.resolve() for p in _EXTRA_FILES]:
+            _EXTRA_FILES.append(path.resolve())
+    reset_registry()
+
+
+def clear_registry_files() -> None:
+    """Forget the files :func:`add_registry_files` added (the registry loads again)."""
+    _EXTRA_FILES.clear()
+    reset_registry()
 
 
 def load_registry() -> Registry:
-    """The registry (built-in file + plugin contributions), validated, loaded once."""
+    """The registry (built-in file + plugin contributions + :func:`registry_files`),
+    validated, loaded once."""
     global _REGISTRY
     if _REGISTRY is None:
         from leaps.plugins import get_host
@@ -448,6 +488,10 @@ def load_registry() -> Registry:
             if name is None or host.pm.is_blocked(name):
                 continue
             registry.add_plugin(name, plugin, host)
+        before = set(registry.models)
+        for path in registry_files():  # the user's own files: a problem there is an error
+            registry.add_file(path.resolve())
+        registry.check_references(sorted(host.adapters), only=set(registry.models) - before)
         _REGISTRY = registry
     return _REGISTRY
 

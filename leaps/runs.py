@@ -319,7 +319,8 @@ def remove_new_run_dir(path: Path, created: bool, lock: RunLock) -> None:
 _RUN_IDENTITY = {"model": "--model", "adapter": "--adapter", "targets": "--target",
                  "stimuli": "--stimulus", "verifier": "--verifier",
                  "checkpoint": "--checkpoint", "labels": "--labels", "reduced": "--reduced",
-                 "verifier_checkpoint": "--verifier-checkpoint"}
+                 "verifier_checkpoint": "--verifier-checkpoint",
+                 "model_config": "--config", "frames": "--frames", "size": "--size"}
 
 
 def check_resume_arguments(saved: dict[str, Any], **given: Any) -> None:
@@ -338,8 +339,19 @@ def check_resume_arguments(saved: dict[str, Any], **given: Any) -> None:
             same = [str(v) for v in value] == [p for group in groups for p in group]
             shown, theirs = " ".join(map(str, value)), " ".join(p for g in groups for p in g)
         elif name == "adapter":
-            same = value == saved.get("adapter")
+            forced = (saved.get("model_config") or {}).get("adapter")
+            same = value in (saved.get("adapter"), forced)
             shown, theirs = value, saved.get("adapter")
+        elif name in ("model_config", "frames", "size"):
+            # What the model was built from is checked where it is rebuilt (its sha256).
+            recorded = saved.get("model_config") or {}
+            theirs = recorded.get("given") if name == "model_config" else recorded.get(name)
+            if name != "model_config" and theirs is None:
+                theirs = (saved.get("input") or {}).get(name)
+            same = str(value) == str(theirs) or (
+                name == "model_config" and recorded.get("path") is not None
+                and Path(str(value)).resolve() == Path(recorded["path"]))
+            shown = value
         else:
             same = (str(value) if name != "reduced" else value) == saved.get(name)
             shown, theirs = value, saved.get(name)

@@ -410,3 +410,51 @@ def overlay_heatmap(video: Tensor, heat: Tensor, alpha: float = 0.5) -> Tensor:
                              align_corners=False)[0, 0]
     colours = colormap(heat).to(video.dtype)
     return ((1 - alpha) * video + alpha * colours).clamp(0.0, 1.0)
+
+
+def class_clips(folder: str | Path, class_names: Sequence[str],
+                on_warning: Callable[[str], None] | None = None) -> dict[str, list[Path]]:
+    """The stimulus clips of each class in ``folder`` (``--stimuli DIR``), in natural order.
+
+    Two layouts, also mixed: ``DIR/<class>/*`` (the Kinetics layout: video files, or folders
+    of frame images, inside one folder per class) and ``DIR/<class>_*.*`` (video files named
+    after their class). A class name with spaces also matches with underscores
+    (``pouring tea`` -> ``pouring_tea``); a file name matching several classes goes to the
+    longest (``push_up_1.mp4`` is ``push_up``'s, not ``push``'s). Classes without clips are
+    left out; entries matching no class are named in one warning."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise LeapsError(f"--stimuli {root} is not a folder; pass a folder of stimulus videos "
+                         "named <class>_<n>.mp4, or of <class>/ folders of clips")
+    spellings = {}
+    for name in class_names:
+        for spelling in (name, name.replace(" ", "_")):
+            spellings.setdefault(spelling, name)
+    found: dict[str, list[Path]] = {}
+    unmatched = []
+    entries = sorted((p for p in root.iterdir() if not p.name.startswith(".")),
+                     key=lambda p: _natural_key(p.name))
+    for entry in entries:
+        if entry.is_dir() and entry.name in spellings:
+            clips = [p for p in sorted(entry.iterdir(), key=lambda p: _natural_key(p.name))
+                     if not p.name.startswith(".") and (
+                         p.is_dir() or p.suffix.lower() in VIDEO_EXTENSIONS)]
+            found.setdefault(spellings[entry.name], []).extend(clips)
+            continue
+        if entry.is_file() and entry.suffix.lower() in VIDEO_EXTENSIONS:
+            owners = [s for s in spellings if entry.stem.startswith(f"{s}_")]
+            if owners:
+                found.setdefault(spellings[max(owners, key=len)], []).append(entry)
+                continue
+        unmatched.append(entry.name)
+    found = {name: clips for name, clips in found.items() if clips}
+    if unmatched and on_warning is not None:
+        shown = ", ".join(unmatched[:3]) + (f" (and {len(unmatched) - 3} more)"
+                                            if len(unmatched) > 3 else "")
+        on_warning(f"{root}: {shown} match no class of the model and are not used (expected "
+                   "<class>/ folders or <class>_*.<video> files)")
+    if not found:
+        some = ", ".join(list(class_names)[:4]) + (" ..." if len(class_names) > 4 else "")
+        raise LeapsError(f"stimulus folder {root} holds no clips of the model's classes "
+                         f"({some}); lay it out as <class>/*.mp4 or <class>_<n>.mp4")
+    return found
