@@ -504,3 +504,57 @@ def test_registry_file_and_environment(project: dict[str, Any], tmp_path: Path,
     assert result.exit_code == 2 and "registry file" in result.stderr and \
         "does not exist" in result.stderr
     assert load_registry().models.get("mine.i3d") is None
+
+
+# -- the README's "Your own model" commands ----------------------------------------------------
+def readme_commands() -> list[str]:
+    text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Your own model", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.startswith("leaps ")]
+
+
+def test_readme_lists_each_library() -> None:
+    commands = readme_commands()
+    for needle in ("--config my_config.py", "--model torchvision.", "--model pytorchvideo.",
+                   "--model timm."):
+        assert any(needle in c and c.startswith("leaps invert") for c in commands), needle
+    assert any(c.startswith("leaps explain --config") for c in commands)
+    assert any(c.startswith("leaps layers --config") for c in commands)
+
+
+@pytest.mark.parametrize("command", readme_commands())
+def test_readme_command_runs(command: str, project: dict[str, Any], tmp_path: Path,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each README command, run as written in a folder holding the files it names (each
+    family's checkpoint in its native format, trained classes.txt, clips/), at the reduced
+    test size and one iteration."""
+    import shlex
+    import shutil
+
+    from leaps.plugins import get_host
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(project["clips"], "clips")
+    shutil.copy(project["labels"], "classes.txt")
+    shutil.copy(project["models"]["i3d_r18_mine"]["config"], "my_config.py")
+    Path("work_dirs/my_config").mkdir(parents=True)
+    shutil.copy(project["models"]["i3d_r18_mine"]["checkpoint"],
+                "work_dirs/my_config/epoch_50.pth")
+    args = shlex.split(command)[1:]
+    if "--model" in args:
+        name = args[args.index("--model") + 1]
+        model = build_model(name, labels="classes.txt", reduced=True)
+        get_host().adapter(model.adapter_name)().save_checkpoint(
+            model.net, Path(args[args.index("--checkpoint") + 1]))
+    if args[0] in ("invert", "explain"):
+        args.append("--reduced")
+    if args[0] == "invert":
+        args += ["--iterations", "1", "--quiet"]
+    result = invoke(args)
+    assert result.exit_code == 0, (command, result.output, result.stderr)
+    if args[0] == "invert":
+        out = Path(args[args.index("--out") + 1])
+        record = json.loads((out / "run.json").read_text())
+        assert record["status"] == "done" and record["verifier"] == "self"
+        assert record["target_names"] == ["falling", "rising", "pouring tea", "push_up"]
