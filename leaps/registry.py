@@ -503,16 +503,22 @@ def reset_registry() -> None:
 
 def build_model(model: str | None = None, *, adapter: str | None = None,
                 checkpoint: str | Path | None = None, labels: str | Path | None = None,
-                reduced: bool = False, device: str | None = None) -> VideoClassifier:
+                reduced: bool = False, device: str | None = None,
+                model_config: str | Path | None = None) -> VideoClassifier:
     """Build a registry model (by name, or an adapter's default) as a VideoClassifier.
+
+    ``model_config`` is instead the model's own config file (an mmaction2 config;
+    :func:`leaps.model_files.register_config_model`, ``adapter`` then forces the adapter).
 
     ``checkpoint`` loads weights (a path; ``"registry"`` for the entry's own checkpoint, which
     is also the default for an entry that ships its weights as a file: the demo zoo);
     ``labels`` (a label file) replaces the entry's classes for a fine-tuned model;
     ``reduced`` builds the entry at its small test size.
     """
+    from leaps.model_files import resolve_model_options
     from leaps.plugins import get_host
 
+    model, adapter, _ = resolve_model_options(model, adapter, model_config, labels=labels)
     spec = load_registry().resolve(model, adapter)
     reason = missing_requirements(spec)
     if reason:

@@ -449,6 +449,9 @@ def test_python_api_takes_the_config(project: dict[str, Any]) -> None:
                     stimuli_dir=project["clips"], config=_config(iterations=1),
                     progress=False)
     assert result.labels == ["rising"] and result.verifier == "self"
+    model = build_model(model_config=files["config"], checkpoint=files["checkpoint"],
+                        labels=project["labels"])
+    assert model.model_name == "config:i3d_r18_mine" and model.labels == tuple(CLASSES)
 
 
 def _config(**values: Any) -> Any:
