@@ -30,7 +30,13 @@ from leaps_adapters.mmaction_models import import_mmaction_models
 from leaps.cli import cli
 from leaps.errors import LeapsError
 from leaps.model_files import register_config_model
-from leaps.registry import build_model, clear_registry_files, load_registry, reset_registry
+from leaps.registry import (
+    build_model,
+    clear_registry_files,
+    load_registry,
+    missing_requirements,
+    reset_registry,
+)
 from leaps.video import class_clips, write_mp4
 
 CLASSES = ["falling", "rising", "spinning", "waving", "pouring tea", "push_up"]
@@ -434,7 +440,7 @@ def test_explain_and_layers_take_the_config(project: dict[str, Any], tmp_path: P
     assert record["model_config"]["sha256"] and record["input"] == {"frames": 4, "size": 32}
     result = invoke(["layers", *own])
     assert result.exit_code == 0, result.output
-    assert "config:tsm_r18_mine (adapter mmaction.tsm), input 1x3x4x32x32 -> logits (1, 6)" \
+    assert "config:tsm_r18_mine (adapter mmaction.tsm) at full size: input 1x3x4x32x32 -> " \
         in " ".join(result.output.split())
     result = invoke(["layers", "--config", str(files["config"]), "--model", "x"])
     assert result.exit_code == 2 and "--config gives the model; drop --model" in result.stderr
@@ -520,7 +526,7 @@ def readme_commands() -> list[str]:
 def test_readme_lists_each_library() -> None:
     commands = readme_commands()
     for needle in ("--config my_config.py", "--model torchvision.", "--model pytorchvideo.",
-                   "--model timm."):
+                   "--model timm.", "--model transformers."):
         assert any(needle in c and c.startswith("leaps invert") for c in commands), needle
     assert any(c.startswith("leaps explain --config") for c in commands)
     assert any(c.startswith("leaps layers --config") for c in commands)
@@ -547,9 +553,16 @@ def test_readme_command_runs(command: str, project: dict[str, Any], tmp_path: Pa
     args = shlex.split(command)[1:]
     if "--model" in args:
         name = args[args.index("--model") + 1]
+        reason = missing_requirements(load_registry().get(name))
+        if reason:
+            pytest.skip(f"{name}: {reason}")
         model = build_model(name, labels="classes.txt", reduced=True)
-        get_host().adapter(model.adapter_name)().save_checkpoint(
-            model.net, Path(args[args.index("--checkpoint") + 1]))
+        adapter = get_host().adapter(model.adapter_name)()
+        checkpoint = args[args.index("--checkpoint") + 1]
+        if checkpoint.endswith("/"):  # a folder: the library's own save (save_pretrained)
+            shutil.move(adapter.save_native(model.net, Path("native")), checkpoint.rstrip("/"))
+        else:
+            adapter.save_checkpoint(model.net, Path(checkpoint))
     if args[0] in ("invert", "explain"):
         args.append("--reduced")
     if args[0] == "invert":
