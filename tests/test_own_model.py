@@ -574,3 +574,26 @@ def test_readme_command_runs(command: str, project: dict[str, Any], tmp_path: Pa
         record = json.loads((out / "run.json").read_text())
         assert record["status"] == "done" and record["verifier"] == "self"
         assert record["target_names"] == ["falling", "rising", "pouring tea", "push_up"]
+
+
+def test_own_backbone_class_gets_the_adapter_of_its_base(project: dict[str, Any], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backbone of the user's own code (registered through the config's custom_imports, as
+    mmaction2 projects do) deriving from a tapped one is tapped by that one's adapter."""
+    module = tmp_path / "my_backbones_leaps_test.py"
+    module.write_text(
+        "from mmaction.models.backbones.resnet3d import ResNet3d\n"
+        "from mmaction.registry import MODELS\n\n\n"
+        "@MODELS.register_module()\n"
+        "class MyWiderResNet3dLeapsTest(ResNet3d):\n"
+        "    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = "custom_imports = dict(imports=['my_backbones_leaps_test'], " \
+           "allow_failed_imports=False)\n" + CONFIGS["i3d_r18_mine"].replace(
+               "type='ResNet3d'", "type='MyWiderResNet3dLeapsTest'")
+    config = write_config(tmp_path, "custom_backbone", text)
+    spec = register_config_model(config, labels=project["labels"])
+    assert spec.adapter == "mmaction.i3d" and "any_backbone" not in spec.arch
+    model = build_model(spec.name, labels=project["labels"])
+    assert type(model.net.backbone).__name__ == "MyWiderResNet3dLeapsTest"
+    assert model.taps[0].name == "backbone.conv1" and len(model.taps) == 9
