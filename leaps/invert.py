@@ -798,7 +798,14 @@ def prepare_run(model: str | None = None, *, adapter: str | None = None,
     if not resuming and stimuli_dir is not None:
         found = class_clips(stimuli_dir, class_names, on_warning if rank0 else (lambda _: None))
     if every:
-        targets = [name for name in class_names if name in found] if found else list(class_names)
+        # `all` with stimuli per class: every class that has some (as with a folder)
+        named = {str(s).split("=", 1)[0] for s in stimuli
+                 if "=" in str(s) and not Path(str(s)).exists()}
+        for name in sorted(named):
+            resolve_target(name, class_names)  # an unknown class: error with close matches
+        having = found or named
+        targets = [name for name in class_names if name in having] if having \
+            else list(class_names)
     indices = [resolve_target(t, class_names) for t in targets]
     if not resuming and stimuli:
         groups = group_stimuli(targets, stimuli)

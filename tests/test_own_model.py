@@ -412,6 +412,21 @@ def test_target_all_with_named_stimuli(project: dict[str, Any], tmp_path: Path) 
     assert record["target_names"] == ["fall", "rise"]
     assert record["stimuli"] == [[str(clips / "falling" / "a.mp4")],
                                  [str(clips / "rising_01.mp4")]]
+    # with more classes than stimuli, `all` is every class that has some (as with --stimuli)
+    result = invoke(["invert", "--config", str(files["config"]), "--labels",
+                     str(project["labels"]), "--target", "all",
+                     "--stimulus", f"waving={clips / 'falling' / 'a.mp4'}",
+                     "--stimulus", f"rising={clips / 'rising_01.mp4'}",
+                     "--out", str(tmp_path / "run2"), "--iterations", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "run2" / "run.json").read_text())
+    assert record["target_names"] == ["rising", "waving"]
+    result = invoke(["invert", "--config", str(files["config"]), "--labels",
+                     str(project["labels"]), "--target", "all",
+                     "--stimulus", f"wavin={clips / 'falling' / 'a.mp4'}",
+                     "--out", str(tmp_path / "run3"), "--iterations", "1", "--quiet"])
+    assert result.exit_code == 2 and "unknown target class 'wavin'" in result.stderr
+    assert "did you mean 'waving'" in result.stderr
 
 
 def test_missing_class_in_the_folder(project: dict[str, Any], tmp_path: Path) -> None:
