@@ -353,11 +353,19 @@ class Registry:
             return
         self.models = staged.models
 
-    def check_references(self, adapters: list[str], only: set[str] | None = None) -> None:
+    def check_references(self, adapters: list[str], only: set[str] | None = None,
+                         failed: dict[str, str] | None = None) -> None:
         """Every entry (of ``only``, if given) names an installed adapter and a known
-        verifier."""
-        for spec in self.models.values():
+        verifier. An entry of an adapter whose plugin is in ``failed`` (plugin -> why it did
+        not load) is kept as unavailable, with that reason."""
+        for spec in list(self.models.values()):
             if only is not None and spec.name not in only:
+                continue
+            plugin = spec.adapter.split(".")[0]
+            if spec.adapter not in adapters and failed and plugin in failed:
+                self.models[spec.name] = replace(spec, unavailable=(
+                    f"its adapter plugin {plugin!r} did not load ({failed[plugin]}); "
+                    "`leaps plugins` shows it"))
                 continue
             if spec.adapter not in adapters:
                 close = difflib.get_close_matches(spec.adapter, adapters, n=2)
@@ -483,7 +491,10 @@ def load_registry() -> Registry:
         host = get_host()
         registry = Registry()
         registry.add_file(Path(str(resources.files("leaps") / "registry.yaml")))
-        registry.check_references(sorted(host.adapters))
+        # A built-in adapter plugin that did not load (a broken install of its library) makes
+        # its own entries unusable, not the registry.
+        registry.check_references(sorted(host.adapters), failed={
+            info.name: info.problems[0] for info in host.failed if info.problems})
         for name, plugin in host.pm.list_name_plugin():
             if name is None or host.pm.is_blocked(name):
                 continue

@@ -180,3 +180,38 @@ def test_leaps_plugins_lists_under_strict_and_then_fails(site: Path) -> None:
     assert {row["name"] for row in json.loads(proc.stdout)} >= {"badyaml", "clash", "timm"}
     assert proc.stderr.splitlines()[-1] == (
         "error: 4 plugin problem(s), listed above (LEAPS_STRICT_PLUGINS is set)")
+
+
+BROKEN_BUILT_IN = """\
+import sys
+
+
+class _Broken:
+    def find_spec(self, name, path=None, target=None):
+        if name == "leaps_adapters.timm_models":
+            raise ImportError("simulated broken install of timm")
+        return None
+
+
+sys.meta_path.insert(0, _Broken())
+"""
+
+
+def test_a_built_in_adapter_plugin_that_fails_to_import_costs_only_its_models(tmp_path):
+    """A broken install of one family's library: its registry entries say why they are
+    unusable, every other model works; under strict, an error."""
+    (tmp_path / "sitecustomize.py").write_text(BROKEN_BUILT_IN)
+    models = leaps(tmp_path, "models", "--json")
+    assert models.returncode == 0, models.stderr
+    assert warnings_of(models) == ["warning: plugin 'timm' from leaps 0.1.0 failed to import: "
+                                   "ImportError: simulated broken install of timm"]
+    rows = {row["name"]: row for row in json.loads(models.stdout)}
+    timm = [row for row in rows.values() if row["adapter"].startswith("timm.")]
+    assert timm and all(not row["usable"] and "adapter plugin 'timm' did not load" in
+                        row["why_not"] for row in timm)
+    assert rows["demo.resnet3d"]["usable"]
+    one = leaps(tmp_path, "invert", "--model", timm[0]["name"], "--target", "0")
+    assert one.returncode == 2 and "is not usable here: its adapter plugin 'timm'" in one.stderr
+    strict = leaps(tmp_path, "models", strict=True)
+    assert strict.returncode == 2 and "(LEAPS_STRICT_PLUGINS is set)" in strict.stderr
+    assert "Traceback" not in one.stderr + strict.stderr
