@@ -122,8 +122,9 @@ def test_layers_works_for_every_entry(name: str) -> None:
         return
     assert result.exit_code == 0, result.stderr
     spec = load_registry().get(name).at_reduced_size()
-    header = f"{name} (adapter {spec.adapter}), input 1x3x{spec.frames}x{spec.size}x{spec.size}"
-    assert result.stdout.startswith(header), result.stdout.splitlines()[0]
+    first = result.stdout.splitlines()[0]
+    assert first.startswith(f"{name} (adapter {spec.adapter}) at the reduced test size"), first
+    assert f"input 1x3x{spec.frames}x{spec.size}x{spec.size}" in first, first
     count = int(re.search(r"taps \((\d+)\)", result.stdout).group(1))
     rows = re.findall(r"│ *\d+ *│ *(\S+) *│ *\S+ *│ *\[1, \d+, \d+, \d+, \d+\] *│", result.stdout)
     assert count >= 1 and len(rows) == count, result.stdout
