@@ -9,8 +9,12 @@ A plan names the models, the targets, the seeds and the options::
       samples: 2
       batch_size: 8
     models:                  # registry models, each with its own options (these win), and
-      demo.resnet3d: {}      # verifier, checkpoint, labels, reduced, stimuli, targets
-      demo.x3d: {verifier: self, lr: 0.05}
+      demo.resnet3d: {}      # verifier, checkpoint, verifier_checkpoint, labels, reduced,
+      demo.x3d: {verifier: self, lr: 0.05}   # stimuli, stimuli_dir, targets
+
+``stimuli_dir`` is `leaps invert --stimuli DIR`: stimuli per class, ``DIR/<class>/*`` (the
+Kinetics layout) or ``DIR/<class>_<n>.<ext>``. The per-model keys may also stand in
+``options``, for every model.
 
 Each (model, seed) is one run directory ``OUT/<model>-seed<seed>``, the same as `leaps invert`
 writes; every (run, batch) is one unit of work, and under torchrun the units are shared out
@@ -35,7 +39,8 @@ from leaps.errors import LeapsError
 
 PLAN_KEYS = ("targets", "seeds", "options", "models")
 # Per-model keys that are not InvertConfig fields: what names the run.
-RUN_KEYS = ("verifier", "checkpoint", "labels", "reduced", "stimuli", "targets")
+RUN_KEYS = ("verifier", "checkpoint", "verifier_checkpoint", "labels", "reduced", "stimuli",
+            "stimuli_dir", "targets")
 SWEEP_FILE = "sweep.json"
 
 
@@ -47,7 +52,7 @@ class PlannedRun:
     model: str
     seed: int
     options: dict[str, Any]   # InvertConfig values given by the plan (with the seed)
-    arguments: dict[str, Any]  # targets, stimuli, verifier, checkpoint, labels, reduced
+    arguments: dict[str, Any]  # targets, stimuli (and stimuli_dir), verifier, checkpoints, ...
 
 
 def _unknown(path: Path, where: str, key: str, known: list[str]) -> LeapsError:
@@ -195,8 +200,8 @@ def sweep(plan: Path, out: Path | None, quiet: bool) -> None:
       seeds: [0, 1]          # one run per model and seed (default: [0])
       options: {iterations: 2000, samples: 2, batch_size: 8}   # any `leaps invert` option
       models:                # registry models with their own options, verifier, checkpoint,
-        demo.resnet3d: {}    # labels, reduced, stimuli, targets
-        demo.x3d: {verifier: self, lr: 0.05}
+        demo.resnet3d: {}    # verifier_checkpoint, labels, reduced, stimuli, stimuli_dir
+        demo.x3d: {verifier: self, lr: 0.05}   # (--stimuli DIR), targets
     """
     import os
 

@@ -198,3 +198,25 @@ def test_the_example_plans_name_registry_models_and_valid_options():
     registry = load_registry()
     for run in demo + kinetics:
         registry.get(run.model)  # raises for a name the registry lacks
+
+
+def test_a_plan_passes_a_stimuli_folder_and_a_verifier_checkpoint_key(tmp_path):
+    """``stimuli_dir`` is `leaps invert --stimuli DIR` (here the Kinetics layout, DIR/<class>/*)."""
+    import shutil
+
+    from leaps.sweep import read_plan, run_sweep
+
+    zoo = Path(__file__).resolve().parents[1] / "leaps" / "zoo" / "stimuli"
+    for name in ("left", "right"):
+        (tmp_path / "clips" / name).mkdir(parents=True)
+        shutil.copy(zoo / f"{name}_1.mp4", tmp_path / "clips" / name / "a.mp4")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"targets: [left, right]\noptions: {{iterations: 1, batch_size: 2, "
+                    f"verifier: self, stimuli_dir: {tmp_path / 'clips'}}}\n"
+                    "models:\n  demo.resnet3d: {}\n  demo.x3d: {verifier_checkpoint: v.pt}\n")
+    assert read_plan(plan)[1].arguments["verifier_checkpoint"] == "v.pt"
+    plan.write_text(plan.read_text().replace("{verifier_checkpoint: v.pt}", "{}"))
+    rows = run_sweep(plan, tmp_path / "sweep", progress=False)
+    assert [r["status"] for r in rows] == ["run", "run"]
+    record = json.loads((tmp_path / "sweep" / "demo.resnet3d-seed0" / "run.json").read_text())
+    assert record["stimuli"] == [[str(tmp_path / "clips" / n / "a.mp4")] for n in ("left", "right")]
