@@ -111,8 +111,10 @@ def main() -> None:
         if (run_dir / "video.pt").is_file():
             print(f"{name}: {run_dir} exists, measuring it as it is", flush=True)
             continue
-        config = InvertConfig(iterations=args.iterations, samples=args.samples, seed=args.seed,
-                              **VARIANTS[name])
+        # The paper's terms, so the paper's setting (pixels, one view: --preset paper).
+        config = InvertConfig.from_preset("paper", iterations=args.iterations,
+                                          samples=args.samples, seed=args.seed,
+                                          **VARIANTS[name])
         invert(args.model, targets=["all"], config=config, out=run_dir, progress=False)
         print(f"{name}: inverted in {time.perf_counter() - start:.0f} s", flush=True)
     rows = []

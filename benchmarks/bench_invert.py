@@ -4,12 +4,17 @@ For each case it measures, on the same batch and device:
   plain     seconds of one forward+backward to the input of the model, and of the verifier
   leaps     seconds of one LEAPS iteration (jitter, flip, all terms, Adam step, clamp)
 and prints the ratios leaps / (model + verifier) and, for verifier = self, leaps / model,
-plus the ratio of peak resident memory. Times come from one process that interleaves the four
+plus the ratio of peak resident memory. With ``--views K`` a LEAPS iteration runs K augmented
+views of each clip as one batch, so the plain forward+backward it is compared with runs the
+same K x batch clips: the ratio is per view. ``--param`` picks x*'s parameterisation (its
+render is part of the LEAPS iteration); ``--preset`` the rest of the setting (default: the CLI's
+default; paper: the paper's objective). Times come from one process that interleaves the four
 measurements block by block and takes medians, so load from other processes hits numerator
 and denominator alike; each peak-memory figure comes from a fresh process of its own.
 
     python benchmarks/bench_invert.py              # all cases, batch 2
     python benchmarks/bench_invert.py --case r3d   # one case
+    python benchmarks/bench_invert.py --case demo --param spectrum --views 4
 """
 
 from __future__ import annotations
@@ -56,15 +61,15 @@ def _time(step, iterations: int, warmup: int) -> float:
     return (time.perf_counter() - start) / iterations
 
 
-def _setup(case: str, batch: int):
+def _setup(case: str, batch: int, views: int = 1):
     from leaps.invert import resample
 
     model_name, verifier_name, size = CASES[case]
     spec, model = _build(model_name, size)
     model.requires_grad_(False)
     verifier_name = verifier_name or spec.verifier
-    x = torch.rand((batch, *model.spec.shape), requires_grad=True)
-    target = torch.zeros(batch, dtype=torch.long)
+    x = torch.rand((batch * views, *model.spec.shape), requires_grad=True)
+    target = torch.zeros(batch * views, dtype=torch.long)
 
     def plain(net):
         def step():
@@ -76,26 +81,27 @@ def _setup(case: str, batch: int):
     return spec, model, verifier_name, plain
 
 
-def _inverter(spec, model, verifier, batch: int, warmup: int):
+def _inverter(spec, model, verifier, batch: int, warmup: int, options: dict):
     from leaps.invert import InvertConfig, Inverter
 
-    config = InvertConfig(iterations=warmup, log_every=10**9, save_every=10**9,
-                          samples=batch, device="cpu")
+    config = InvertConfig.from_preset(**options, iterations=warmup, log_every=10**9,
+                                      save_every=10**9, samples=batch, device="cpu")
     config = config.with_registry_defaults(**vars(spec.leaps))
     inverter = Inverter(model, [0], [torch.rand(1, *model.spec.shape)], config, verifier)
     return inverter, inverter.run()
 
 
-def measure_time(case: str, batch: int, iterations: int, warmup: int, rounds: int) -> dict:
+def measure_time(case: str, batch: int, iterations: int, warmup: int, rounds: int,
+                 options: dict) -> dict:
     """All four timings in ONE process, interleaved block by block (median over rounds), so
     that load from other processes hits numerator and denominator alike."""
     from dataclasses import replace
 
-    spec, model, verifier_name, plain = _setup(case, batch)
+    spec, model, verifier_name, plain = _setup(case, batch, options["views"])
     _, verifier = _build(verifier_name, None)
     verifier.requires_grad_(False)
-    leaps_other, other_state = _inverter(spec, model, verifier, batch, warmup)
-    leaps_self, self_state = _inverter(spec, model, "self", batch, warmup)
+    leaps_other, other_state = _inverter(spec, model, verifier, batch, warmup, options)
+    leaps_self, self_state = _inverter(spec, model, "self", batch, warmup, options)
     states = {"other": other_state, "self": self_state}
 
     def leaps_block(inverter, key):
@@ -129,13 +135,14 @@ def measure_time(case: str, batch: int, iterations: int, warmup: int, rounds: in
     return result
 
 
-def measure_memory(case: str, what: str, batch: int, iterations: int, warmup: int) -> dict:
+def measure_memory(case: str, what: str, batch: int, iterations: int, warmup: int,
+                   options: dict) -> dict:
     """Peak resident memory of one configuration, alone in a fresh process.
 
     plain_model: model fwd+bwd; plain_pair: model and verifier fwd+bwd (both loaded);
     leaps_other / leaps_self: LEAPS iterations with the verifier / with verifier = self.
     """
-    spec, model, verifier_name, plain = _setup(case, batch)
+    spec, model, verifier_name, plain = _setup(case, batch, options["views"])
     if what in ("plain_model", "plain_pair"):
         nets = [model]
         if what == "plain_pair":
@@ -146,18 +153,28 @@ def measure_memory(case: str, what: str, batch: int, iterations: int, warmup: in
             _time(plain(net), iterations, warmup)
     else:
         verifier = "self" if what == "leaps_self" else _build(verifier_name, None)[1]
-        _inverter(spec, model, verifier, batch, warmup + iterations)
+        _inverter(spec, model, verifier, batch, warmup + iterations, options)
     return {"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _subprocess(args: argparse.Namespace, *measure: str) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--measure", *measure,
                            "--batch", str(args.batch), "--iterations", str(args.iterations),
-                           "--warmup", str(args.warmup), "--rounds", str(args.rounds)],
+                           "--warmup", str(args.warmup), "--rounds", str(args.rounds),
+                           "--options", json.dumps(_options(args))],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(measure)} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _options(args: argparse.Namespace) -> dict:
+    """The InvertConfig settings measured: the preset's, with --param/--views over them."""
+    from leaps.config import InvertConfig
+
+    preset = InvertConfig.from_preset(args.preset)
+    return {"preset": args.preset, "param": args.param or preset.param,
+            "views": args.views or preset.views}
 
 
 def run_case(case: str, args: argparse.Namespace) -> dict:
@@ -174,17 +191,28 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2, help="iterations per timed block")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--preset", default="default", choices=["default", "paper"])
+    parser.add_argument("--param", choices=["pixels", "spectrum", "warp"],
+                        help="x*'s parameterisation [default: the preset's]")
+    parser.add_argument("--views", type=int, help="augmented views per step (K) [default: the "
+                        "preset's]")
     parser.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--options", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         case, what = args.measure
-        result = (measure_time(case, args.batch, args.iterations, args.warmup, args.rounds)
+        options = json.loads(args.options)
+        result = (measure_time(case, args.batch, args.iterations, args.warmup, args.rounds,
+                               options)
                   if what == "time" else
-                  measure_memory(case, what, args.batch, args.iterations, args.warmup))
+                  measure_memory(case, what, args.batch, args.iterations, args.warmup, options))
         print(json.dumps(result))
         return
+    options = _options(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
-          f"median of {args.rounds} interleaved rounds of {args.iterations} iterations")
+          f"preset {options['preset']}: x* {options['param']}, {options['views']} view(s) per "
+          f"step (plain: {options['views']} x batch clips), median of {args.rounds} interleaved "
+          f"rounds of {args.iterations} iterations")
     print(f"{'case':8} {'verifier':24} {'model s':>8} {'verif s':>8} {'leaps s':>8} "
           f"{'ratio':>6} {'self s':>8} {'ratio':>6} {'mem':>5} {'mem self':>8}")
     for case in args.case or list(CASES):

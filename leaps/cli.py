@@ -278,7 +278,7 @@ def _config_options(command: Any) -> Any:
     """One CLI option per InvertConfig field, documented by the field's help metadata."""
     from dataclasses import MISSING, fields
 
-    from leaps.config import FLIP_MODES, InvertConfig
+    from leaps.config import InvertConfig
 
     for f in reversed(fields(InvertConfig)):
         flag = "--" + f.name.replace("_", "-")
@@ -288,12 +288,9 @@ def _config_options(command: Any) -> Any:
             command = click.option(flag, f.name, is_flag=True, default=default,
                                    help=helptext)(command)
             continue
-        kind: Any = {"iterations": int, "samples": int, "batch_size": int, "seed": int,
-                     "log_every": int, "save_every": int}.get(f.name, float)
-        if f.name == "flip":
-            kind = click.Choice(FLIP_MODES)
-        elif f.name == "device":
-            kind = str
+        choices = f.metadata.get("choices")
+        kind: Any = (click.Choice(choices) if choices else
+                     type(default) if isinstance(default, (int, str)) else float)
         command = click.option(flag, f.name, type=kind, default=None, show_default=False,
                                help=f"{helptext} [default: {default}]" if default is not None
                                else helptext)(command)
@@ -313,7 +310,9 @@ def _config_options(command: Any) -> Any:
               help="Folder of stimuli per class: DIR/<class>/* (Kinetics layout) or "
                    "DIR/<class>_<n>.mp4 (a registry entry's stimuli folder); with --target "
                    "all, every class that has clips.")
-@click.option("--verifier", help="Verifier model name, 'self' or 'none' [default: registry].")
+@click.option("--verifier", "verifiers", multiple=True,
+              help="Verifier model name, 'self' or 'none' [default: registry]; repeat for "
+                   "several verifiers (R_feat, and --verifier-ce-weight, from each).")
 @click.option("--verifier-checkpoint",
               help="Weights of the verifier (file or folder, its family's native format).")
 @click.option("--checkpoint", help="Weights to load: a file in the family's native format, or "
@@ -329,7 +328,7 @@ def _config_options(command: Any) -> Any:
 @own_model_options
 @_config_options
 def invert(model: str | None, adapter: str | None, targets: tuple[str, ...],
-           stimuli: tuple[str, ...], stimuli_dir: str | None, verifier: str | None,
+           stimuli: tuple[str, ...], stimuli_dir: str | None, verifiers: tuple[str, ...],
            verifier_checkpoint: str | None, checkpoint: str | None,
            labels: str | None, out: str | None, resume: str | None, reduced: bool, quiet: bool,
            model_config: str | None, frames: int | None, size: int | None,
@@ -348,8 +347,10 @@ def invert(model: str | None, adapter: str | None, targets: tuple[str, ...],
         out = str(runs.default_run_dir(named))
     try:
         result = run_inversion(model, adapter=adapter, targets=targets, stimuli=stimuli,
-                               verifier=verifier, checkpoint=checkpoint, labels=labels,
-                               config=None if resume else InvertConfig(**given), out=out,
+                               verifier=list(verifiers) or None, checkpoint=checkpoint,
+                               labels=labels,
+                               config=None if resume else InvertConfig.from_preset(**given),
+                               out=out,
                                resume=resume, reduced=reduced, progress=not quiet,
                                changes=given if resume else None,
                                verifier_checkpoint=verifier_checkpoint, stimuli_dir=stimuli_dir,

@@ -9,6 +9,20 @@ from typing import Any
 from leaps.errors import LeapsError
 
 FLIP_MODES = ("auto", "on", "off", "swap")
+PARAMS = ("pixels", "spectrum", "warp")          # x*'s parameterisations (leaps/params.py)
+SPECTRUM_SOURCES = ("all", "class")      # whose amplitude spectrum --param spectrum keeps
+INITS = ("noise", "stimulus")            # where x* starts
+
+
+# Presets: named settings that differ from the dataclass defaults ("default" is those).
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # The paper's objective and augmentation exactly (DESIGN.md section 5): pixel space, one
+    # view per step with a random roll and a (direction-aware) flip, Adam at 0.1.
+    "paper": {"param": "pixels", "lr": 0.1, "views": 1, "crop": 1.0, "noise": 0.0,
+              "time_shift": 0, "verifier_ce_weight": 0.0, "init": "noise",
+              "spectrum_source": "all"},
+}
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,9 @@ RANGES: dict[str, Range] = {
     "samples": Range(1, integer=True), "batch_size": Range(1, integer=True),
     "seed": Range(0, 2**63 - 1, integer=True),
     "log_every": Range(1, integer=True), "save_every": Range(1, integer=True),
+    "warp_grid": Range(2, 64, integer=True), "views": Range(1, 64, integer=True),
+    "crop": Range(0.0, 1.0, low_open=True), "noise": _WEIGHT,
+    "time_shift": Range(0, integer=True), "verifier_ce_weight": _WEIGHT,
 }
 
 
@@ -63,8 +80,15 @@ class InvertConfig:
     Each field's ``help`` metadata is its documentation (the CLI shows it as the option help).
     """
 
+    preset: str = field(default="default", metadata={
+        "help": "Defaults to start from: default (the best measured setting, "
+                "docs/ablation/transfer.md) or paper (the paper's objective exactly: pixels, "
+                "one view, its roll and flip); the other options override it.",
+        "choices": tuple(PRESETS)})
     iterations: int = field(default=2000, metadata={"help": "Optimisation steps."})
-    lr: float = field(default=0.1, metadata={"help": "Adam learning rate (pixel space)."})
+    lr: float = field(default=0.5, metadata={
+        "help": "Adam learning rate of x*'s parameter (pixels: 0.1 as the paper; spectrum "
+                "phases: 0.5)."})
     warmup: float = field(default=0.05, metadata={
         "help": "Fraction of the steps with a linear learning-rate warm-up (then cosine to 0)."})
     lambda_1: float | None = field(default=None, metadata={
@@ -95,6 +119,33 @@ class InvertConfig:
     flip: str = field(default="auto", metadata={
         "help": "Horizontal flip each step: on, off, swap (flip and swap the target with its "
                 "mirror class), auto (swap where the label set declares mirrors, else on)."})
+    param: str = field(default="spectrum", metadata={
+        "help": "How x* is parameterised: spectrum (phase-only under the stimuli's 3D amplitude "
+                "spectrum), pixels (the paper) or warp (one image moved by smooth per-frame "
+                "warps); see leaps/params.py.",
+        "choices": PARAMS})
+    spectrum_source: str = field(default="class", metadata={
+        "help": "--param spectrum: the amplitude spectrum of all the run's stimuli, or of each "
+                "target class's own.", "choices": SPECTRUM_SOURCES})
+    warp_grid: int = field(default=4, metadata={
+        "help": "--param warp: control points per side of each frame's displacement field."})
+    init: str = field(default="noise", metadata={
+        "help": "Where x* starts: noise (seeded per clip), or stimulus: one of its class's "
+                "stimuli (picked by the clip's seed), which the objective then accentuates "
+                "(feature accentuation, Hamblin et al. 2024).", "choices": INITS})
+    views: int = field(default=1, metadata={
+        "help": "Augmented views of x* per step (K), run as one batch; the loss is averaged "
+                "over them."})
+    crop: float = field(default=1.0, metadata={
+        "help": "Random resized crop of each view: the smallest crop side, as a fraction of "
+                "the frame (1 = no crop)."})
+    noise: float = field(default=0.0, metadata={
+        "help": "Standard deviation of Gaussian pixel noise added to each view."})
+    time_shift: int = field(default=0, metadata={
+        "help": "Shift each view in time by up to this many frames (edge frames repeated)."})
+    verifier_ce_weight: float = field(default=1.0, metadata={
+        "help": "Weight of the verifiers' cross-entropy for the target (verifiers with the "
+                "model's label set; 0 = the paper, R_feat only)."})
     samples: int = field(default=1, metadata={"help": "Clips synthesized per target."})
     batch_size: int = field(default=8, metadata={
         "help": "Clips optimised together: the run's clips (targets x samples) are cut into "
@@ -108,6 +159,13 @@ class InvertConfig:
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu, cuda:N."})
     channels_last: bool = field(default=False, metadata={"help": "Use channels_last_3d memory."})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model."})
+
+    @classmethod
+    def from_preset(cls, preset: str = "default", **options: Any) -> InvertConfig:
+        """The preset's settings, overridden by ``options``."""
+        if preset not in PRESETS:
+            raise LeapsError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[preset], **options, "preset": preset})
 
     def with_registry_defaults(self, lambda_1: float, lambda_L: float, r: float) -> InvertConfig:
         return replace(self,
@@ -130,6 +188,15 @@ class InvertConfig:
                 raise LeapsError(f"{option} must be {expected}, got {value!r}")
         if self.flip not in FLIP_MODES:
             raise LeapsError(f"--flip must be one of {', '.join(FLIP_MODES)}, got {self.flip!r}")
+        if self.param not in PARAMS:
+            raise LeapsError(f"--param must be one of {', '.join(PARAMS)}, got {self.param!r}")
+        if self.spectrum_source not in SPECTRUM_SOURCES:
+            raise LeapsError(f"--spectrum-source must be one of {', '.join(SPECTRUM_SOURCES)}, "
+                             f"got {self.spectrum_source!r}")
+        if self.init not in INITS:
+            raise LeapsError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.preset not in PRESETS:
+            raise LeapsError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
 
     def resumed_with(self, changes: dict[str, Any], done: int
                      ) -> tuple[InvertConfig, list[str]]:
@@ -168,5 +235,10 @@ class InvertConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InvertConfig:
+        """A saved config (run.json). One saved before x* had parameterisations (no "param")
+        was the paper's setting, so what it lacks comes from the paper preset."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        known = {k: v for k, v in data.items() if k in names}
+        if "param" not in data:
+            return cls(**{**PRESETS["paper"], **known, "preset": "paper"})
+        return cls(**known)

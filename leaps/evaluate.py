@@ -19,6 +19,8 @@
       "labels": [str, ...],      # the model's classes
       "targets": [str, ...],     # target class of each clip (samples of a target in a row)
       "seed": int, "samples": int, "iterations": int,
+      "preset": str, "param": str,   # the run's preset and x*'s parameterisation (leaps/params.py)
+      "views": int,              # augmented views of x* per step (K)
       "seconds_per_iteration": float | None,   # None when run.json does not record the time
       "random_weights": [str, ...],   # models that judged with random weights (no checkpoint
                                       # here): their verdicts are chance, not evidence
@@ -398,6 +400,10 @@ def _evaluate_run(run: Run, also: Sequence[str], models: _Models,
         "labels": labels, "targets": names,
         "seed": int(record["config"].get("seed", 0)), "samples": run.samples,
         "iterations": steps,
+        # Runs from before x* had parameterisations: the paper's pixels, one view.
+        "preset": str(record["config"].get("preset", "paper")),
+        "param": str(record["config"].get("param", "pixels")),
+        "views": int(record["config"].get("views", 1)),
         "seconds_per_iteration": (float(elapsed) / steps if elapsed is not None and steps
                                   else None),
         "random_weights": sorted(models.random & ({record["model"], verifier_name} | set(also))),
@@ -562,7 +568,9 @@ def _motion_text(test: dict[str, Any] | None) -> str:
 
 
 LEGEND = (
-    "top-1: share of clips classified as their target, by the inverted model, its verifier, "
+    "x* (views): how the synthesized clips were parameterised (pixels, spectrum, warp) and how "
+    "many augmented views of them each optimisation step averaged. top-1: share of clips "
+    "classified as their target, by the inverted model, its verifier, "
     "and each --also model (unseen: it took no part in the optimisation; seen: it is the "
     "inverted model or its verifier). IS: Inception Score, mean ± std over splits. "
     "Motion test: share of clips that, reversed in time, are classified (by the model) as the "
@@ -577,7 +585,7 @@ def table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The evaluation as text cells: ``(header, rows)``, one row per run and, for several runs,
     one for all of them. Every output (terminal, Markdown, HTML report) shows these cells."""
     also = list(dict.fromkeys(n for r in result["runs"] for n in r["also"]))
-    header = ["run", "model", "clips", "top-1 model", "top-1 verifier",
+    header = ["run", "model", "x* (views)", "clips", "top-1 model", "top-1 verifier",
               *[f"top-1 {name}" for name in also], "IS model", "IS verifier", "motion test",
               "oracle (abstained)", "frame diff ×real", "TV ×real", "diversity", "p(target)",
               "iterations", "s/it"]
@@ -594,7 +602,10 @@ def table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             transfer.append(value)
         oracle = m["oracle"]
         rows.append([
-            name, model, str(m["clips"]), _pct(m["top1_model"]), _pct(m["top1_verifier"]),
+            name, model,
+            f"{run.get('param', 'pixels')} ({run.get('views', 1)})" if run else "",
+            str(m["clips"]),
+            _pct(m["top1_model"]), _pct(m["top1_verifier"]),
             *transfer,
             _is_text(m["inception_score_model"]), _is_text(m["inception_score_verifier"]),
             _motion_text(m["motion_test_model"]),

@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from leaps import losses
-from leaps.adapter import NormLayer, VideoClassifier
+from leaps import losses, params
+from leaps.adapter import VideoClassifier
 from leaps.config import FLIP_MODES, InvertConfig  # noqa: F401  (re-exported API)
 from leaps.errors import LeapsError
 from leaps.taps import NormStatsRecorder, TapRecorder
 
-TERMS = ("total", "ce", "priming", "coherence", "feature", "target_prob")
+TERMS = ("total", "ce", "priming", "coherence", "feature", "verifier_ce", "target_prob")
 
 
 @dataclass
@@ -35,7 +35,7 @@ class InversionState:
     """What a resumed run needs to continue exactly where it stopped."""
 
     step: int
-    video: Tensor
+    param: Tensor  # what the optimiser moves: x* itself for `pixels` (see params.py)
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     rng: Any
@@ -81,7 +81,7 @@ class Priming:
     flipped_embeddings: list[Tensor]  # same, for the horizontally flipped stimuli
     weights: Tensor                   # lambda_l of the primed taps
     margin: Tensor                    # delta of R_coh
-    norm_targets: list[tuple[Tensor, Tensor]]  # verifier norm-layer stats to match
+    norm_targets: list[list[tuple[Tensor, Tensor]]]  # per verifier: norm-layer stats to match
     stimulus_predictions: list[list[int]]      # per target: the model's top-1 per stimulus
 
 
@@ -93,12 +93,20 @@ class Inverter:
     sequence; only with ``priming_weight`` 0) there is no priming, the coherence margin is
     ``coherence_margin`` or 0 (consecutive frames pulled together, nothing pushed apart), and a
     verifier without running statistics cannot be used. ``verifier`` is another
-    VideoClassifier, ``"self"`` or ``None``.
+    VideoClassifier, ``"self"``, ``None``, or a sequence of these (several verifiers: R_feat,
+    and their cross-entropy where ``verifier_ce_weight`` > 0, averaged over them).
+
+    x* is ``config.param``'s parameter (params.py); each step renders it once and optimises
+    the objective averaged over ``config.views`` augmented views of it, run as one batch.
+    ``spectrum_pool``: the stimuli whose spectrum ``spectrum_source all`` keeps (default
+    ``stimuli``; a run's batch passes the whole run's, so a clip does not depend on its batch).
     """
 
     def __init__(self, model: VideoClassifier, targets: Sequence[int], stimuli: Sequence[Tensor],
-                 config: InvertConfig, verifier: VideoClassifier | str | None = None,
-                 mirrors: Sequence[tuple[str, str]] = ()) -> None:
+                 config: InvertConfig,
+                 verifier: VideoClassifier | str | None | Sequence[VideoClassifier | str] = None,
+                 mirrors: Sequence[tuple[str, str]] = (),
+                 spectrum_pool: Sequence[Tensor] | None = None) -> None:
         config.validate()
         if None in (config.lambda_1, config.lambda_L, config.r):
             raise LeapsError("lambda_1, lambda_L and r must be set (registry defaults)")
@@ -110,11 +118,12 @@ class Inverter:
         self.config = config
         self.device = resolve_device(config.device)
         self.model = model.to(self.device).eval()
-        self.share_pass = verifier == "self"
-        self.verifier: VideoClassifier | None = (
-            self.model if self.share_pass else
-            verifier.to(self.device).eval() if isinstance(verifier, VideoClassifier) else None)
-        for module in {self.model, self.verifier} - {None}:
+        given = (list(verifier) if isinstance(verifier, (list, tuple)) else
+                 [] if verifier is None else [verifier])
+        self.verifiers: list[VideoClassifier] = [
+            self.model if v == "self" else v.to(self.device).eval() for v in given
+            if v is not None]
+        for module in {self.model, *self.verifiers}:
             module.requires_grad_(False)
             if config.channels_last:
                 module.to(memory_format=torch.channels_last_3d)
@@ -131,14 +140,33 @@ class Inverter:
         primed = max(1, math.ceil(config.priming_fraction * len(taps)))
         self.primed_taps = taps[:primed]
         self.tap_recorder = TapRecorder(self.primed_taps, frames_of=taps[-1])
-        self.norm_layers: list[NormLayer] = self.verifier.norm_layers if self.verifier else []
-        self.norm_recorder = NormStatsRecorder(self.norm_layers) if self.norm_layers else None
-        self.norm_weights = losses.feature_stats_weights(
-            len(self.norm_layers), config.first_norm_weight).to(self.device)
-        self.priming = self._prime([s.to(self.device) for s in stimuli])
+        # One R_feat per verifier: its norm layers, their recorder and the weights w_l.
+        self.norm_recorders = [NormStatsRecorder(v.norm_layers) if v.norm_layers else None
+                               for v in self.verifiers]
+        self.norm_weights = [losses.feature_stats_weights(
+            len(v.norm_layers), config.first_norm_weight).to(self.device)
+            for v in self.verifiers]
+        # The verifiers whose cross-entropy joins the objective: same label set, not the model.
+        self.ce_verifiers = [
+            i for i, v in enumerate(self.verifiers)
+            if config.verifier_ce_weight > 0 and v is not self.model
+            and tuple(v.labels) == tuple(self.model.labels)]
+        stimuli = [s.to(self.device) for s in stimuli]
+        self.stimuli = stimuli
+        self.priming = self._prime(stimuli)
+        spec = self.model.spec
+        self.parameterisation = params.build(
+            config.param, (len(self.y), 3, spec.frames, spec.size, spec.size), stimuli,
+            config.samples, config.spectrum_source, config.warp_grid,
+            pool=spectrum_pool).to(self.device)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                        enabled=self.device.type == "cuda")
         self.forward = torch.compile(self.model) if config.compile else self.model
+
+    @property
+    def verifier(self) -> VideoClassifier | None:
+        """The first verifier (the one whose top-1 the run reports)."""
+        return self.verifiers[0] if self.verifiers else None
 
     # -- before the loop ---------------------------------------------------------------
     @torch.no_grad()
@@ -172,78 +200,156 @@ class Inverter:
                        weights[:len(self.primed_taps)].to(self.device), margin,
                        self._norm_targets(stimuli), predictions)
 
-    def _norm_targets(self, stimuli: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
-        """Running stats where the verifier has them; otherwise estimated from the stimuli (a
-        BN-free verifier, which the paper's method could not use)."""
-        if not self.norm_layers:
-            return []
-        if all(layer.has_stats for layer in self.norm_layers):
-            return [(layer.running_mean.float(), layer.running_var.float())
-                    for layer in self.norm_layers]
-        spec = self.verifier.spec  # type: ignore[union-attr]
-        if not stimuli:
-            raise LeapsError("the verifier has no running statistics (no BatchNorm) and there "
-                             "are no stimuli to estimate them from; give stimuli, a verifier "
-                             "with BatchNorm, or no verifier")
-        clips = torch.cat([resample(s, spec.frames, spec.size) for s in stimuli])
-        assert self.norm_recorder is not None
-        self.norm_recorder.reset()
-        self.verifier(clips)  # type: ignore[misc]
-        return [(m.detach(), v.detach()) for m, v in self.norm_recorder.collected()]
+    def _norm_targets(self, stimuli: list[Tensor]) -> list[list[tuple[Tensor, Tensor]]]:
+        """Per verifier: running stats where it has them; otherwise estimated from the stimuli
+        (a BN-free verifier, which the paper's method could not use)."""
+        targets = []
+        for verifier, recorder in zip(self.verifiers, self.norm_recorders):
+            layers = verifier.norm_layers
+            if recorder is None:
+                targets.append([])
+            elif all(layer.has_stats for layer in layers):
+                targets.append([(layer.running_mean.float(), layer.running_var.float())
+                                for layer in layers])
+            elif not stimuli:
+                raise LeapsError(
+                    f"the verifier {verifier.model_name} has no running statistics (no "
+                    "BatchNorm) and there are no stimuli to estimate them from; give stimuli, "
+                    "a verifier with BatchNorm, or no verifier")
+            else:
+                spec = verifier.spec
+                clips = torch.cat([resample(s, spec.frames, spec.size) for s in stimuli])
+                recorder.reset()
+                verifier(clips)
+                targets.append([(m.detach(), v.detach()) for m, v in recorder.collected()])
+        return targets
 
     def initial_state(self, clip_seeds: Sequence[int] | None = None) -> InversionState:
         """The state before the first step. ``clip_seeds`` (one per clip) draws each clip's
-        initial noise from its own seed, so it does not depend on the batch it is in; by
+        initial parameter from its own seed, so it does not depend on the batch it is in; by
         default all of it comes from ``config.seed``."""
-        spec = self.model.spec
-        if clip_seeds is None:
-            generator = torch.Generator().manual_seed(self.config.seed)
-            video = torch.rand((len(self.y), *spec.shape), generator=generator)
+        if self.config.init == "stimulus":
+            param = self.parameterisation.encode(self._starting_stimuli(clip_seeds))
         else:
-            video = torch.cat([torch.rand((1, *spec.shape),
-                                          generator=torch.Generator().manual_seed(seed))
-                               for seed in clip_seeds])
-        video = video.to(self.device)
-        optimizer, scheduler = self._optimizer(video)
-        return InversionState(0, video, optimizer.state_dict(), scheduler.state_dict(),
+            if clip_seeds is None:
+                shared = torch.Generator().manual_seed(self.config.seed)
+                generators = [shared] * len(self.y)
+            else:
+                generators = [torch.Generator().manual_seed(seed) for seed in clip_seeds]
+            param = self.parameterisation.init(generators)
+        param = param.to(self.device)
+        optimizer, scheduler = self._optimizer(param)
+        return InversionState(0, param, optimizer.state_dict(), scheduler.state_dict(),
                               random.Random(self.config.seed).getstate(),
                               {term: [] for term in TERMS})
 
-    def _optimizer(self, video: Tensor) -> tuple[torch.optim.Optimizer, Any]:
-        optimizer = torch.optim.Adam([video], lr=self.config.lr, betas=(0.5, 0.9))
+    def _starting_stimuli(self, clip_seeds: Sequence[int] | None) -> Tensor:
+        """``--init stimulus``: each clip starts as one of its target's stimuli, picked by the
+        clip's seed (clip i of the batch by ``config.seed + i`` without seeds)."""
+        if not self.stimuli:
+            raise LeapsError("--init stimulus starts each clip from a stimulus of its class, and "
+                             "there are none; give stimuli or use --init noise")
+        seeds = list(clip_seeds) if clip_seeds is not None else [
+            self.config.seed + i for i in range(len(self.y))]
+        per_clip = [s for s in self.stimuli for _ in range(self.config.samples)]
+        return torch.stack([group[seed % len(group)]
+                            for group, seed in zip(per_clip, seeds)]).cpu()
+
+    def _optimizer(self, param: Tensor) -> tuple[torch.optim.Optimizer, Any]:
+        optimizer = torch.optim.Adam([param], lr=self.config.lr, betas=(0.5, 0.9))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine_with_warmup(self.config.iterations, self.config.warmup))
         return optimizer, scheduler
 
+    @torch.no_grad()
+    def render(self, param: Tensor) -> Tensor:
+        """The clips ``[B, 3, T, H, W]`` in [0, 1] that a parameter stands for."""
+        return self.parameterisation.render(param.to(self.device)).float()
+
     # -- one step ----------------------------------------------------------------------
-    def objective(self, video: Tensor, flip: bool) -> dict[str, Tensor]:
-        """All loss terms for one (jittered, maybe flipped) view of x*; no host sync."""
+    def views(self, clip: Tensor, shift: int, rng: random.Random) -> tuple[Tensor, Tensor]:
+        """``config.views`` augmented views of the clips, as one batch ``[K*B, ...]``, and
+        which of them are flipped with their target swapped to its mirror (``[K*B]`` bool).
+
+        Each view: a random roll of up to ``shift`` pixels, a flip (per ``flip_mode``), then
+        where enabled a random resized crop, a temporal shift (edge frames repeated) and
+        additive Gaussian noise. Every random choice comes from ``rng`` (the resumable state).
+        """
         config = self.config
-        swap = flip and self.flip_mode == "swap"
-        target = self.y_flipped if swap else self.y
-        stimulus = self.priming.flipped_embeddings if swap else self.priming.embeddings
+        size, frames = clip.shape[-1], clip.shape[2]
+        views, swapped = [], []
+        for _ in range(config.views):
+            dx, dy = rng.randint(-shift, shift), rng.randint(-shift, shift)
+            flip = self.flip_mode != "off" and rng.random() < 0.5
+            view = torch.roll(clip, shifts=(dy, dx), dims=(-2, -1))
+            if flip:
+                view = view.flip(-1)
+            if config.crop < 1:
+                side = max(1, round(rng.uniform(config.crop, 1.0) * size))
+                top, left = rng.randint(0, size - side), rng.randint(0, size - side)
+                if side < size:
+                    view = F.interpolate(view[..., top:top + side, left:left + side],
+                                         size=(frames, size, size), mode="trilinear",
+                                         align_corners=False)
+            if config.time_shift:
+                dt = rng.randint(-config.time_shift, config.time_shift)
+                index = (torch.arange(frames, device=view.device) - dt).clamp(0, frames - 1)
+                view = view.index_select(2, index)
+            if config.noise > 0:
+                generator = torch.Generator(view.device).manual_seed(rng.getrandbits(63))
+                view = view + config.noise * torch.randn(
+                    view.shape, generator=generator, device=view.device, dtype=view.dtype)
+            views.append(view)
+            swapped.append(flip and self.flip_mode == "swap")
+        batch = views[0] if len(views) == 1 else torch.cat(views)
+        mask = torch.tensor(swapped, device=self.device).repeat_interleave(len(self.y))
+        return batch, mask
+
+    def objective(self, video: Tensor, swapped: Tensor | bool) -> dict[str, Tensor]:
+        """All loss terms for a batch of views of x* (``[K*B, ...]``, view-major), each
+        averaged over the views; ``swapped``: per view, whether it was flipped with its target
+        swapped to the mirror class (a bool for all). No host sync."""
+        config = self.config
+        repeat = video.shape[0] // len(self.y)
+        swapped = torch.as_tensor(swapped, device=self.device).expand(video.shape[0])
+        target = torch.where(swapped, self.y_flipped.repeat(repeat), self.y.repeat(repeat))
+        stimulus = [torch.where(swapped[:, None], f.repeat(repeat, 1), e.repeat(repeat, 1))
+                    for e, f in zip(self.priming.embeddings, self.priming.flipped_embeddings)]
         self.tap_recorder.reset()
-        if self.norm_recorder is not None:
-            self.norm_recorder.reset()
+        for recorder in self.norm_recorders:
+            if recorder is not None:
+                recorder.reset()
+        verifier_logits = []
         with self.autocast:
             logits = self.forward(video)
-            if self.verifier is not None and not self.share_pass:
-                spec = self.verifier.spec
-                self.verifier(resample(video, spec.frames, spec.size))
+            for verifier in self.verifiers:
+                if verifier is not self.model:
+                    spec = verifier.spec
+                    verifier_logits.append(verifier(resample(video, spec.frames, spec.size)))
+        zero = logits.new_zeros((), dtype=torch.float32)
+        features = [losses.feature_stats_loss(recorder.collected(), norm_targets, weights)
+                    for recorder, norm_targets, weights in zip(
+                        self.norm_recorders, self.priming.norm_targets, self.norm_weights)
+                    if recorder is not None]
+        others = [v for v in self.verifiers if v is not self.model]
+        verifier_ce = [losses.cross_entropy(verifier_logits[others.index(self.verifiers[i])],
+                                            target) for i in self.ce_verifiers]
         terms = {
             "ce": losses.cross_entropy(logits, target),
             "priming": (losses.priming_loss(self.tap_recorder.collected(), stimulus,
                                             self.priming.weights)
-                        if stimulus else logits.new_zeros(())),
+                        if stimulus else zero),
             "coherence": losses.coherence_loss(self.tap_recorder.frames, self.priming.margin),
-            "feature": (losses.feature_stats_loss(self.norm_recorder.collected(),
-                                                  self.priming.norm_targets, self.norm_weights)
-                        if self.norm_recorder is not None else logits.new_zeros(())),
+            "feature": (features[0] if len(features) == 1 else
+                        torch.stack(features).mean() if features else zero),
+            "verifier_ce": torch.stack(verifier_ce).mean() if verifier_ce else zero,
         }
         terms["total"] = (config.ce_weight * terms["ce"]
                           + config.priming_weight * terms["priming"]
                           + config.r * (config.coherence_weight * terms["coherence"]
                                         + config.feature_weight * terms["feature"]))
+        if verifier_ce:
+            terms["total"] = terms["total"] + config.verifier_ce_weight * terms["verifier_ce"]
         probs = logits.detach().float().softmax(dim=1)
         terms["target_prob"] = probs.gather(1, target[:, None]).mean()
         return terms
@@ -260,19 +366,19 @@ class Inverter:
         """
         config = self.config
         state = state or self.initial_state()
-        video = state.video.to(self.device).requires_grad_(True)
-        optimizer, scheduler = self._optimizer(video)
+        param = state.param.to(self.device).requires_grad_(True)
+        optimizer, scheduler = self._optimizer(param)
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
         rng = random.Random()
         rng.setstate(state.rng)
         history = state.history
         pending: list[Tensor] = []
-        good = (state.step, video.detach().clone(), copy.deepcopy(optimizer.state_dict()),
+        good = (state.step, param.detach().clone(), copy.deepcopy(optimizer.state_dict()),
                 scheduler.state_dict(), rng.getstate())
 
         def snapshot(step: int) -> InversionState:
-            return InversionState(step, video.detach().clone(),
+            return InversionState(step, param.detach().clone(),
                                   copy.deepcopy(optimizer.state_dict()), scheduler.state_dict(),
                                   rng.getstate(), copy.deepcopy(history))
 
@@ -286,36 +392,32 @@ class Inverter:
                 bad = [t for t, v in zip(TERMS, row) if not math.isfinite(v)]
                 if bad:
                     failed_at = step - len(rows) + offset + 1
-                    g_step, g_video, g_opt, g_sched, g_rng = good
+                    g_step, g_param, g_opt, g_sched, g_rng = good
                     if on_save is not None:
-                        on_save(InversionState(g_step, g_video, g_opt, g_sched, g_rng, history))
+                        on_save(InversionState(g_step, g_param, g_opt, g_sched, g_rng, history))
                     raise LeapsError(
                         f"the loss diverged at step {failed_at}: {', '.join(bad)} became "
                         f"non-finite; the last good state (step {g_step}) is kept; lower --lr "
                         "or the weight of that term")
                 for term, value in zip(TERMS, row):
                     history[term].append(value)
-            good = (step, video.detach().clone(), copy.deepcopy(optimizer.state_dict()),
+            good = (step, param.detach().clone(), copy.deepcopy(optimizer.state_dict()),
                     scheduler.state_dict(), rng.getstate())
             if on_log is not None:
                 on_log(step, dict(zip(TERMS, rows[-1])))
 
+        render, project_ = self.parameterisation.render, self.parameterisation.project_
         step = state.step
         try:
             while step < config.iterations:
                 shift = config.jitter_pixels(step, self.model.spec.size)
-                dx, dy = rng.randint(-shift, shift), rng.randint(-shift, shift)
-                flip = self.flip_mode != "off" and rng.random() < 0.5
-                view = torch.roll(video, shifts=(dy, dx), dims=(-2, -1))
-                if flip:
-                    view = view.flip(-1)
-                terms = self.objective(view, flip)
+                batch, swapped = self.views(render(param), shift, rng)
+                terms = self.objective(batch, swapped)
                 optimizer.zero_grad(set_to_none=True)
                 terms["total"].backward()
                 optimizer.step()
                 scheduler.step()
-                with torch.no_grad():
-                    video.clamp_(0, 1)
+                project_(param)
                 pending.append(torch.stack([terms[t].detach().float() for t in TERMS]))
                 step += 1
                 if step % config.log_every == 0 or step == config.iterations:
@@ -325,9 +427,9 @@ class Inverter:
                     on_save(snapshot(step))
         except KeyboardInterrupt:
             # Keep only fully logged steps, so a resumed run repeats none and skips none.
-            g_step, g_video, g_opt, g_sched, g_rng = good
+            g_step, g_param, g_opt, g_sched, g_rng = good
             if on_save is not None:
-                on_save(InversionState(g_step, g_video, g_opt, g_sched, g_rng, history))
+                on_save(InversionState(g_step, g_param, g_opt, g_sched, g_rng, history))
             raise
         return snapshot(step)
 
@@ -353,8 +455,9 @@ class Inverter:
 
     def close(self) -> None:
         self.tap_recorder.close()
-        if self.norm_recorder is not None:
-            self.norm_recorder.close()
+        for recorder in self.norm_recorders:
+            if recorder is not None:
+                recorder.close()
 
 
 
@@ -449,7 +552,8 @@ def group_stimuli(targets: Sequence[str | int], stimuli: Sequence[str | Path]
 
 def invert(model: str | None = None, *, adapter: str | None = None,
            targets: Sequence[str | int] = (), stimuli: Sequence[str | Path] = (),
-           verifier: str | None = None, checkpoint: str | Path | None = None,
+           verifier: str | Sequence[str] | None = None,
+           checkpoint: str | Path | None = None,
            labels: str | Path | None = None, config: InvertConfig | None = None,
            out: str | Path | None = None, resume: str | Path | None = None,
            reduced: bool = False, progress: bool = True,
@@ -464,8 +568,9 @@ def invert(model: str | None = None, *, adapter: str | None = None,
     config file (an mmaction2 config; :mod:`leaps.model_files`; ``adapter`` then forces the
     adapter, ``frames``/``size`` override its input size, ``labels`` names its classes);
     ``stimuli_dir`` holds stimuli per class (``DIR/<class>/*`` or ``DIR/<class>_*.*``);
-    ``verifier`` is a registry model, ``"self"``,
-    ``"none"`` or None (the entry's default); ``checkpoint``/``labels`` load a fine-tuned model;
+    ``verifier`` is a registry model, ``"self"``, ``"none"``, a list of registry models /
+    ``"self"`` (several verifiers) or None (the entry's default); ``checkpoint``/``labels``
+    load a fine-tuned model;
     ``out`` is the run directory (None: no files are written); ``resume`` continues an
     interrupted run from its directory with the options it was started with (``changes``:
     InvertConfig values given again; only :data:`~leaps.config.MAY_CHANGE_ON_RESUME` may
@@ -507,7 +612,7 @@ class PreparedRun:
     :meth:`work` runs batches, :meth:`finish` merges them and (rank 0) writes the outputs."""
 
     classifier: VideoClassifier
-    verifier_model: VideoClassifier | str | None
+    verifier_models: list[VideoClassifier | str]
     config: InvertConfig
     indices: list[int]             # class index of each target
     class_names: list[str]
@@ -539,7 +644,7 @@ class PreparedRun:
                          device=self.processes.device(self.config.device))
         return Inverter(self.classifier, [self.indices[t] for t, _ in batch.clips],
                         [self.clips[t] for t, _ in batch.clips] if self.clips else [],
-                        config, self.verifier_model, self.mirrors)
+                        config, self.verifier_models, self.mirrors, spectrum_pool=self.clips)
 
     def work(self, batches: Sequence[Any], progress: bool) -> None:
         """Run ``batches`` (this process's share) one after the other."""
@@ -575,7 +680,8 @@ class PreparedRun:
             with _progress(progress, self.config.iterations, state.step, label,
                            plain=self.processes.world > 1) as update:
                 final = inverter.run(state, on_log=update, on_save=on_save)
-            metrics = inverter.evaluate(final.video)
+            video = inverter.render(final.param)
+            metrics = inverter.evaluate(video)
         except KeyboardInterrupt:
             self._set_status("interrupted")
             raise
@@ -587,7 +693,7 @@ class PreparedRun:
         finally:
             inverter.close()
         result = {"index": batch.index, "clips": [list(c) for c in batch.clips],
-                  "video": final.video.detach().cpu(), "steps": final.step,
+                  "video": video.detach().cpu(), "steps": final.step,
                   "history": final.history, "metrics": metrics,
                   "elapsed_s": round(time.perf_counter() - started, 3),
                   "rank": self.processes.rank, "world_size": self.processes.world,
@@ -757,7 +863,8 @@ def prepare_run(model: str | None = None, *, adapter: str | None = None,
                              "stimuli; drop --stimuli")
         model, adapter = restore_model(saved, run_dir), None
         targets, groups = saved["targets"], saved["stimuli"]
-        verifier, checkpoint, labels = saved["verifier"], saved["checkpoint"], saved["labels"]
+        verifier = saved.get("verifiers") or saved["verifier"]
+        checkpoint, labels = saved["checkpoint"], saved["labels"]
         verifier_checkpoint = saved.get("verifier_checkpoint")
         reduced = saved["reduced"]
         config = InvertConfig.from_dict(saved["config"])
@@ -839,23 +946,37 @@ def prepare_run(model: str | None = None, *, adapter: str | None = None,
     clips = [read_clips(group, fs.frames, fs.size, None if quiet else short,
                         (lambda _: None) if quiet else on_warning)
              for group in groups]
-    verifier_name = spec.verifier if verifier is None else verifier
-    if verifier_name == "self":
-        verifier_model: VideoClassifier | str | None = "self"
-    elif verifier_name == "none":
-        verifier_model = None
-    else:
-        reason = missing_requirements(registry.get(verifier_name))
+    if not clips and (config or InvertConfig()).param != "pixels":
+        raise LeapsError(f"--param {(config or InvertConfig()).param} takes its amplitude "
+                         "spectrum from the stimuli, and there are none; give stimuli, or add "
+                         "--param pixels")
+    if not clips and (config or InvertConfig()).init == "stimulus":
+        raise LeapsError("--init stimulus starts each clip from a stimulus of its class, and "
+                         "there are none; give stimuli, or use --init noise")
+    verifier_names = ([spec.verifier] if verifier is None else
+                      [verifier] if isinstance(verifier, str) else list(verifier) or ["none"])
+    if "none" in verifier_names and len(verifier_names) > 1:
+        raise LeapsError("--verifier none cannot be combined with other verifiers")
+    verifier_models: list[VideoClassifier | str] = []
+    for name in verifier_names:
+        if name in ("self", "none"):
+            verifier_models += ["self"] if name == "self" else []
+            continue
+        reason = missing_requirements(registry.get(name))
         if reason:
-            raise LeapsError(f"verifier {verifier_name!r} is not usable here: {reason}; pick "
+            raise LeapsError(f"verifier {name!r} is not usable here: {reason}; pick "
                              "another with --verifier (or self/none)")
-        verifier_model = _seeded(seed, lambda: build_model(
-            verifier_name, reduced=reduced, checkpoint=verifier_checkpoint))
-        if not reduced and rank0 and not resuming and untrained_statistics(verifier_model):
-            on_warning(f"verifier {verifier_name} runs with untrained BatchNorm statistics "
+        # --verifier-checkpoint: the weights of the first verifier named.
+        weights = verifier_checkpoint if name == verifier_names[0] else None
+        built = _seeded(seed, lambda name=name, weights=weights: build_model(
+            name, reduced=reduced, checkpoint=weights))
+        if not reduced and rank0 and not resuming and untrained_statistics(built):
+            on_warning(f"verifier {name} runs with untrained BatchNorm statistics "
                        "(random weights: no checkpoint was loaded), so R_feat pulls the clips "
                        "toward mean 0 and variance 1, not toward real videos; pass "
                        "--verifier-checkpoint PATH with its weights, or --verifier none")
+        verifier_models.append(built)
+    verifier_name = verifier_names[0]
     if verifier_checkpoint is not None and verifier_name in ("self", "none"):
         raise LeapsError(f"--verifier-checkpoint needs a verifier model, not {verifier_name!r}; "
                          "name one with --verifier (or drop --verifier-checkpoint)")
@@ -880,6 +1001,7 @@ def prepare_run(model: str | None = None, *, adapter: str | None = None,
         "verifier_checkpoint_sha256": (
             checkpoint_sha256(registry.get(verifier_name).adapter, verifier_checkpoint)
             if verifier_checkpoint and Path(str(verifier_checkpoint)).exists() else None),
+        "verifiers": verifier_names,
         "reduced": reduced, "targets": [str(t) for t in targets],
         "target_indices": indices, "target_names": [class_names[i] for i in indices],
         "stimuli": groups, "config": asdict(config),
@@ -914,7 +1036,7 @@ def prepare_run(model: str | None = None, *, adapter: str | None = None,
         runs.write_json(run_dir / runs.RUN_FILE, record)
     processes.barrier()
     return PreparedRun(
-        classifier=classifier, verifier_model=verifier_model, config=config, indices=indices,
+        classifier=classifier, verifier_models=verifier_models, config=config, indices=indices,
         class_names=list(class_names), groups=groups, clips=clips, mirrors=mirrors,
         record=record, run_dir=run_dir, created=created, held=held,
         batches=plan_batches(len(indices), config.samples, config.batch_size),

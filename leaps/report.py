@@ -164,7 +164,10 @@ def _run_section(run: Run, result: dict[str, Any], workdir: Path) -> str:
     targets = record["target_names"]
     samples = run.samples
     meta = (f"model <b>{_esc(result['model'])}</b> ({_esc(result['adapter'])}), verifier "
-            f"{_esc(result['verifier'] or 'none')}, {result['iterations']} iterations, seed "
+            f"{_esc(result['verifier'] or 'none')}, x* {_esc(result.get('param', 'pixels'))} "
+            f"with {result.get('views', 1)} view(s) per step (preset "
+            f"{_esc(result.get('preset', 'paper'))}), "
+            f"{result['iterations']} iterations, seed "
             f"{result['seed']}, {samples} sample(s) per class, input {run.video.shape[2]}×"
             f"{size}×{size}")
     if result.get("random_weights"):

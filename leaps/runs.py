@@ -338,6 +338,11 @@ def check_resume_arguments(saved: dict[str, Any], **given: Any) -> None:
             groups = saved.get("stimuli") or []
             same = [str(v) for v in value] == [p for group in groups for p in group]
             shown, theirs = " ".join(map(str, value)), " ".join(p for g in groups for p in g)
+        elif name == "verifier":
+            names = [value] if isinstance(value, str) else list(value)
+            same = names == (saved.get("verifiers") or [saved.get("verifier")])
+            shown = " ".join(names)
+            theirs = " ".join(saved.get("verifiers") or [saved.get("verifier") or ""])
         elif name == "adapter":
             forced = (saved.get("model_config") or {}).get("adapter")
             same = value in (saved.get("adapter"), forced)
@@ -373,7 +378,7 @@ def write_state(path: Path, state: InversionState, identity: dict[str, Any] | No
     WriteError naming the file and the previous state stays as it was."""
     buffer = io.BytesIO()
     torch.save({"format": STATE_FORMAT, "identity": identity, "step": state.step,
-                "video": state.video.detach().cpu(),
+                "param": state.param.detach().cpu(),
                 "optimizer": _to_cpu(state.optimizer), "scheduler": state.scheduler,
                 "rng": state.rng, "history": state.history}, buffer)
     write_bytes(path, buffer.getvalue())
@@ -404,16 +409,17 @@ def read_state(path: Path, identity: dict[str, Any] | None = None) -> InversionS
         what = "records no state format" if fmt is None else f"is of state format {fmt!r}"
         raise StateError(f"{path} {what}, this leaps reads state format {STATE_FORMAT} "
                          "(written by another leaps version?)")
-    video = data.get("video", data.get("param"))
+    # "video": states written before x* had parameterisations (pixels, the only one then)
+    video = data.get("param", data.get("video"))
     kinds = {"step": int, "optimizer": dict, "scheduler": dict, "rng": (tuple, list),
              "history": dict}
     missing = [k for k in ("step", "optimizer", "scheduler", "rng", "history") if k not in data]
     if video is None:
-        missing.insert(1, "video")
+        missing.insert(1, "param")
     wrong = [k for k, kind in kinds.items() if k in data and not isinstance(data[k], kind)]
     if missing or wrong or not isinstance(video, Tensor):
         problem = (f"lacks {', '.join(map(repr, missing))}" if missing else
-                   f"has an invalid {', '.join(map(repr, wrong or ['video']))}")
+                   f"has an invalid {', '.join(map(repr, wrong or ['param']))}")
         raise StateError(f"{path} {problem} (damaged or edited)")
     if identity is not None:
         check_identity(path, data.get("identity"), identity)

@@ -116,7 +116,7 @@ def read_plan(path: str | Path) -> list[PlannedRun]:
         stimuli = arguments.get("stimuli", [])
         arguments["stimuli"] = [stimuli] if isinstance(stimuli, str) else list(stimuli)
         for seed in seeds:
-            config = InvertConfig(**options, seed=seed)
+            config = InvertConfig.from_preset(**options, seed=seed)
             config.validate()
             planned.append(PlannedRun(f"{slug(str(model))}-seed{seed}", str(model), seed,
                                       {**options, "seed": seed}, arguments))
@@ -161,7 +161,8 @@ def run_sweep(plan: str | Path, out: str | Path, progress: bool = True,
                 run = prepare_run(resume=run_dir, changes=item.options, on_warning=on_warning,
                                   processes=processes, held=held)
             else:
-                run = prepare_run(item.model, config=InvertConfig(**item.options), out=run_dir,
+                run = prepare_run(item.model, config=InvertConfig.from_preset(**item.options),
+                                  out=run_dir,
                                   on_warning=on_warning, processes=processes, held=held,
                                   **item.arguments)
             prepared.append(run)

@@ -247,8 +247,11 @@ def test_cli_prints_the_table_and_writes_json_and_markdown(runs, tmp_path):
     assert markdown == to_markdown(written)
     rows = [line for line in markdown.splitlines() if line.startswith("| ")]
     assert len(rows) == 4  # header, run a, run b, all runs
-    top1 = f"{100 * written['runs'][0]['metrics']['top1_model']:.0f}%"
-    assert rows[1].startswith(f"| a | testeval.c3d | 4 | {top1} |")
+    first = written["runs"][0]
+    top1 = f"{100 * first['metrics']['top1_model']:.0f}%"
+    x = f"{first['param']} ({first['views']})"
+    assert first["param"] in ("pixels", "spectrum", "warp") and first["views"] >= 1
+    assert rows[1].startswith(f"| a | testeval.c3d | {x} | 4 | {top1} |")
     assert "| top-1 testeval.r2plus1d |" in rows[0]
     assert " (seen) |" in rows[1] and " (unseen) |" in rows[2]
 
@@ -307,7 +310,9 @@ def test_bad_run_directory_is_one_line_error_with_exit_2(runs, tmp_path, how, me
 
 @pytest.mark.parametrize("make, message", [
     (lambda root: root / "nowhere", "does not exist"),
-    (lambda root: root, "not a leaps run directory (no run.json)"),
+    # (a folder of runs is a sweep directory: its runs; a folder without any is not a run)
+    (lambda root: (root / "plain").mkdir(exist_ok=True) or root / "plain",
+     "not a leaps run directory (no run.json)"),
 ])
 def test_not_a_run_directory(runs, make, message):
     with pytest.raises(LeapsError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -118,7 +118,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(motion, tmp_path):
     state = runs.read_state(tmp_path / "state.pt")
     assert state.step == 15 and len(state.history["total"]) == 15
     resumed = Inverter(model, [0], clips, config, "self").run(state)
-    assert torch.equal(resumed.video, whole.video)
+    assert torch.equal(resumed.param, whole.param)
     assert resumed.history == whole.history
 
 
@@ -134,7 +134,7 @@ def test_nan_loss_stops_naming_the_term_and_keeps_the_last_good_state(motion, tm
     inverter.priming.margin = torch.tensor(float("nan"))
     with pytest.raises(LeapsError, match="coherence"):
         inverter.run(on_save=saved.append)
-    assert saved and saved[-1].step == 0 and torch.isfinite(saved[-1].video).all()
+    assert saved and saved[-1].step == 0 and torch.isfinite(saved[-1].param).all()
 
 
 def test_jitter_is_constant_or_linear_to_its_end_value():
@@ -226,8 +226,13 @@ def test_without_stimuli_only_when_priming_is_off(motion, tmp_path):
         invert(MODEL, targets=["left"], checkpoint=motion["checkpoint"],
                config=short(), progress=False)
     out = tmp_path / "run"
+    # The default parameterisation keeps the stimuli's spectrum: without them, pixels.
+    with pytest.raises(LeapsError, match="there are none; give stimuli, or add --param pixels"):
+        invert(MODEL, targets=["all"], checkpoint=motion["checkpoint"],
+               config=short(priming_weight=0.0), out=out, progress=False)
+    assert not out.exists()
     result = invert(MODEL, targets=["all"], checkpoint=motion["checkpoint"],
-                    config=short(priming_weight=0.0), out=out, progress=False)
+                    config=short(priming_weight=0.0, param="pixels"), out=out, progress=False)
     assert result.labels == list(CLASSES)  # --target all: every class of the label set
     record = json.loads((out / "run.json").read_text())
     assert record["stimuli"] == [] and record["format"] == runs.RUN_FORMAT

@@ -465,7 +465,7 @@ def test_cli_inverts_the_fine_tuned_model(fine_tuned_swin: dict[str, Any],
     out = tmp_path / "run"
     options = ["invert", "--adapter", "mmaction.swin", "--reduced", "--checkpoint", checkpoint,
                "--target", "whisking", "--priming-weight", "0", "--verifier", "none",
-               "--iterations", "2", "--quiet", "--out", str(out)]
+               "--param", "pixels", "--iterations", "2", "--quiet", "--out", str(out)]
     result = CliRunner().invoke(cli, [*options, "--labels", labels], catch_exceptions=False)
     assert result.exit_code == 0, result.stderr
     record = json.loads((out / "run.json").read_text())

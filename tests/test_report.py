@@ -183,12 +183,14 @@ def test_report_reuses_a_saved_evaluation_of_the_same_runs(runs, tmp_path):
     evaluation = evaluate_runs([runs["a"]])
     evaluation["runs"][0]["metrics"]["target_prob"] = 0.123  # proves the file was used
     evaluation["runs"][0]["random_weights"] = [MODEL]
+    evaluation["runs"][0].update(param="warp", views=3)  # shown as recorded
     saved.write_text(json.dumps(evaluation))
     result = CliRunner().invoke(cli, ["report", str(runs["a"]), "--evaluation", str(saved),
                                       "--out", str(tmp_path / "r.html")])
     assert result.exit_code == 0, result.output
     markup = (tmp_path / "r.html").read_text(encoding="utf-8")
     assert "<td>0.12</td>" in markup
+    assert "x* warp with 3 view(s) per step" in markup and "<td>warp (3)</td>" in markup
     assert "testreport.c3d had no weights (random initialisation)" in markup
     result = CliRunner().invoke(cli, ["report", str(runs["b"]), "--evaluation", str(saved),
                                       "--out", str(tmp_path / "r2.html")])
