@@ -19,9 +19,11 @@ from leaps import runs
 
 STIMULI = Path(__file__).resolve().parents[1] / "leaps" / "zoo" / "stimuli"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-# demo.resnet3d at 8x32x32, verified by itself: about a second of optimisation.
+# demo.resnet3d at 8x32x32, verified by itself: about a second of optimisation. The paper's
+# pixel parameterisation: the small disks below are sized to its state (a clip and its Adam
+# moments; the default spectrum's phases are about half that).
 UNTARGETED = ["invert", "--model", "demo.resnet3d", "--verifier", "self", "--iterations", "4",
-              "--log-every", "2", "--save-every", "2", "--quiet"]
+              "--log-every", "2", "--save-every", "2", "--quiet", "--preset", "paper"]
 DEMO = [*UNTARGETED, "--target", "right"]
 
 # The resumable state of a run of one batch (leaps.batches).
