@@ -256,7 +256,7 @@ def test_disk_full_while_writing_outputs_keeps_the_finished_run(small_disk):
 # -- random weights: the same seed gives the same network, also on --resume ------------------
 RANDOM = ["invert", "--model", "torchvision.r3d_18", "--reduced", "--verifier", "self",
           "--target", "abseiling", "--stimulus", STIMULI / "left_0.mp4", "--iterations", "4",
-          "--log-every", "2", "--save-every", "2", "--quiet"]
+          "--log-every", "2", "--save-every", "2", "--quiet", "--preset", "paper"]
 
 
 def test_random_weights_are_seeded_and_rebuilt_identically_on_resume(small_disk, tmp_path):
