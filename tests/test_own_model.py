@@ -438,7 +438,9 @@ def test_missing_class_in_the_folder(project: dict[str, Any], tmp_path: Path) ->
     assert result.exit_code == 2 and not (tmp_path / "a").exists()
     assert "holds none for waving" in result.stderr
     assert "--priming-weight 0" in result.stderr and "Traceback" not in result.output
-    result = invoke([*common, "--out", str(tmp_path / "b"), "--priming-weight", "0"])
+    # Without stimuli there is no spectrum to keep: x* in pixels (the paper's).
+    result = invoke([*common, "--out", str(tmp_path / "b"), "--priming-weight", "0",
+                     "--param", "pixels"])
     assert result.exit_code == 0, result.output
     assert "inverting without stimuli" in result.stderr
 
@@ -508,7 +510,8 @@ def test_registry_file_and_environment(project: dict[str, Any], tmp_path: Path,
         assert torch.equal(model(video), reference(video))
     out = tmp_path / "run"
     result = invoke(["invert", "--model", "mine.i3d", "--target", "waving",
-                     "--priming-weight", "0", "--iterations", "1", "--quiet", "--out", str(out)])
+                     "--priming-weight", "0", "--param", "pixels", "--iterations", "1",
+                     "--quiet", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "run.json").read_text())["registry_file"] == \
         str(registry_file.resolve())

@@ -21,7 +21,8 @@ PLUGIN = InProcessPlugin([Conv3DStack], {
     "vc.model": motion_entry(["left", "right"], BLOCKS, verifier="vc.verifier"),
     "vc.verifier": motion_entry(["left", "right"], BLOCKS, verifier="none"),
 })
-CONFIG = dict(iterations=1, priming_weight=0.0, samples=1)
+# Without stimuli (priming off), x* in pixels: the spectrum parameterisation needs stimuli.
+CONFIG = dict(iterations=1, priming_weight=0.0, samples=1, param="pixels")
 
 
 def _run(out: Path, **kwargs: object) -> tuple[list[str], dict]:
