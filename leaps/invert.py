@@ -246,9 +246,7 @@ class Inverter:
     def _starting_stimuli(self, clip_seeds: Sequence[int] | None) -> Tensor:
         """``--init stimulus``: each clip starts as one of its target's stimuli, picked by the
         clip's seed (clip i of the batch by ``config.seed + i`` without seeds)."""
-        if not self.stimuli:
-            raise LeapsError("--init stimulus starts each clip from a stimulus of its class, and "
-                             "there are none; give stimuli or use --init noise")
+        params.check_stimuli("pixels", "stimulus", self.stimuli)
         seeds = list(clip_seeds) if clip_seeds is not None else [
             self.config.seed + i for i in range(len(self.y))]
         per_clip = [s for s in self.stimuli for _ in range(self.config.samples)]
@@ -946,13 +944,8 @@ def prepare_run(model: str | None = None, *, adapter: str | None = None,
     clips = [read_clips(group, fs.frames, fs.size, None if quiet else short,
                         (lambda _: None) if quiet else on_warning)
              for group in groups]
-    if not clips and (config or InvertConfig()).param != "pixels":
-        raise LeapsError(f"--param {(config or InvertConfig()).param} takes its amplitude "
-                         "spectrum from the stimuli, and there are none; give stimuli, or add "
-                         "--param pixels")
-    if not clips and (config or InvertConfig()).init == "stimulus":
-        raise LeapsError("--init stimulus starts each clip from a stimulus of its class, and "
-                         "there are none; give stimuli, or use --init noise")
+    setting = config or InvertConfig()
+    params.check_stimuli(setting.param, setting.init, clips)  # before anything is written
     verifier_names = ([spec.verifier] if verifier is None else
                       [verifier] if isinstance(verifier, str) else list(verifier) or ["none"])
     if "none" in verifier_names and len(verifier_names) > 1:

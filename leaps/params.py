@@ -188,6 +188,19 @@ def amplitude_spectrum(clips: Tensor) -> tuple[Tensor, Tensor]:
     return magnitude, mean
 
 
+def check_stimuli(param: str, init: str, stimuli: Sequence[Tensor]) -> None:
+    """Refuse what needs stimuli when there are none: a parameterisation that takes its
+    magnitude from them, or ``--init stimulus``."""
+    if stimuli:
+        return
+    if param != "pixels":
+        raise LeapsError(f"--param {param} takes its amplitude spectrum from the stimuli, and "
+                         "there are none; give stimuli, or add --param pixels")
+    if init == "stimulus":
+        raise LeapsError("--init stimulus starts each clip from a stimulus of its class, and "
+                         "there are none; give stimuli, or use --init noise")
+
+
 def build(name: str, shape: Sequence[int], stimuli: Sequence[Tensor], samples: int,
           source: str = "all", grid: int = 4,
           pool: Sequence[Tensor] | None = None) -> Parameterisation:
@@ -200,10 +213,9 @@ def build(name: str, shape: Sequence[int], stimuli: Sequence[Tensor], samples: i
     pool = list(stimuli) if pool is None else list(pool)
     if name == "pixels":
         return Pixels(shape)
+    if name in PARAMS:
+        check_stimuli(name, "noise", stimuli)
     if name == "spectrum":
-        if not stimuli:
-            raise LeapsError("--param spectrum takes its amplitude spectrum from the stimuli, "
-                             "and there are none; give stimuli or use --param pixels")
         if source not in SPECTRUM_SOURCES:
             raise LeapsError(f"spectrum source must be one of {', '.join(SPECTRUM_SOURCES)}, "
                              f"got {source!r}")
@@ -217,9 +229,6 @@ def build(name: str, shape: Sequence[int], stimuli: Sequence[Tensor], samples: i
             means = torch.stack([m for _, m in per_class]).repeat_interleave(samples, 0)
         return Spectrum(magnitudes.contiguous(), means.contiguous(), shape[2:])
     if name == "warp":
-        if not stimuli:
-            raise LeapsError("--param warp takes its image spectrum from the stimuli, and "
-                             "there are none; give stimuli or use --param pixels")
         frames = torch.cat([s.cpu() for s in pool]).float().transpose(1, 2).flatten(0, 1)
         mean = frames.mean(dim=(0, 2, 3))[:, None, None]
         magnitude = torch.fft.rfftn(frames - mean, dim=(-2, -1), norm="ortho").abs().mean(0)

@@ -160,18 +160,24 @@ def check_registry_entry(spec: ModelSpec) -> None:
                                   "not in its label set"
 
 
+def _built_with_stats(adapter: Any, reduced: ModelSpec, seed: int) -> Any:
+    """The reduced model built under ``seed``, with non-trivial BatchNorm running statistics
+    (so they are part of what a checkpoint must carry)."""
+    torch.manual_seed(seed)
+    model = adapter.build(reduced)
+    with torch.no_grad():
+        for layer in model.norm_layers:
+            if layer.has_stats:
+                layer.running_mean.uniform_(-0.1, 0.1)
+                layer.running_var.uniform_(0.5, 1.5)
+    return model
+
+
 def check_checkpoint_round_trip(spec: ModelSpec, directory: Path) -> None:
     """A checkpoint written in the family's native format loads back to identical logits."""
     adapter = get_host().adapter(spec.adapter)()
     reduced = spec.at_reduced_size()
-    torch.manual_seed(1)
-    first = adapter.build(reduced)
-    # Make BatchNorm running stats non-trivial so they are part of what round-trips.
-    with torch.no_grad():
-        for layer in first.norm_layers:
-            if layer.has_stats:
-                layer.running_mean.uniform_(-0.1, 0.1)
-                layer.running_var.uniform_(0.5, 1.5)
+    first = _built_with_stats(adapter, reduced, seed=1)
     path = directory / f"{spec.name}.ckpt"
     adapter.save_checkpoint(first.net, path)
     torch.manual_seed(2)
@@ -283,13 +289,7 @@ def check_native_checkpoint(spec: ModelSpec, directory: Path) -> bool:
     saver (nothing to check)."""
     adapter = get_host().adapter(spec.adapter)()
     reduced = spec.at_reduced_size()
-    torch.manual_seed(3)
-    first = adapter.build(reduced)
-    with torch.no_grad():
-        for layer in first.norm_layers:
-            if layer.has_stats:
-                layer.running_mean.uniform_(-0.1, 0.1)
-                layer.running_var.uniform_(0.5, 1.5)
+    first = _built_with_stats(adapter, reduced, seed=3)
     saved = adapter.save_native(first.net, directory)
     if saved is None:
         return False
