@@ -84,7 +84,7 @@ def spread(values: list[float | None], percent: bool = True) -> str:
 
 
 def measure(model: str, options: dict[str, Any], seeds: list[int], samples: int,
-            out: Path) -> dict[str, list[float | None]]:
+            out: Path, stimuli: Path | None = None) -> dict[str, list[float | None]]:
     verifier, unseen = judges(model)
     preset = options.get("preset", "default")
     rows: dict[str, list[float | None]] = {}
@@ -93,7 +93,8 @@ def measure(model: str, options: dict[str, Any], seeds: list[int], samples: int,
         if not (run_dir / "video.pt").is_file():
             config = InvertConfig.from_preset(**{**options, "preset": preset, "seed": seed,
                                                  "samples": samples})
-            invert(model, targets=["all"], config=config, out=run_dir, progress=False)
+            invert(model, targets=["all"], config=config, out=run_dir, progress=False,
+                   stimuli_dir=stimuli)
         result = evaluate_runs([run_dir], also=unseen)["runs"][0]
         m = result["metrics"]
         oracle = m.get("oracle") or {}
@@ -155,6 +156,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4, help="clips per class")
     parser.add_argument("--seed", type=int, action="append", help="[default: 0 and 1]")
     parser.add_argument("--out", type=Path, required=True, help="folder for the run directories")
+    parser.add_argument("--stimuli", type=Path,
+                        help="stimulus folder (<class>_<i>.mp4) [default: the zoo's]")
     parser.add_argument("--markdown", type=Path, help="append the table to this file")
     args = parser.parse_args()
     options = dict(VARIANTS[args.variant])
@@ -172,7 +175,8 @@ def main() -> None:
     start = time.perf_counter()
     results = {}
     for model in args.model or DEMO:
-        results[model] = measure(model, options, seeds, args.samples, args.out)
+        results[model] = measure(model, options, seeds, args.samples, args.out,
+                                 args.stimuli)
     text = markdown(args.name or args.variant, options, results, command, iterations,
                     args.samples, seeds, (time.perf_counter() - start) / 60)
     if args.markdown:

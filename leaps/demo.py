@@ -32,7 +32,7 @@ from leaps.datasets import make_clip, make_dataset
 from leaps.errors import LeapsError
 
 ZOO = Path(str(resources.files("leaps") / "zoo"))
-STIMULI_PER_CLASS = 2
+STIMULI_PER_CLASS = 8
 # Seeds of make_dataset/make_clip that training epochs never use.
 VALIDATION_SEED = 900_001
 STIMULUS_SEED = 900_002

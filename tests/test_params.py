@@ -94,6 +94,25 @@ def test_spectrum_keeps_the_stimuli_amplitude_spectrum_and_only_moves_the_phase(
     assert torch.allclose(measured[inner], second[inner], atol=1e-4)
 
 
+def test_the_spectrum_carries_the_stimuli_mean_energy():
+    """The amplitude is the root of the stimuli's mean power: a clip under it has the stimuli's
+    mean energy at the frequencies it sets freely (a mean of amplitudes falls short)."""
+    given = stimuli(contrast=0.2)
+    both = torch.cat(given)
+    p = params.build("spectrum", SHAPE, given, samples=1)
+    clip = p.render(p.init([torch.Generator().manual_seed(s) for s in (7, 8)]))
+    _, mean = params.amplitude_spectrum(both)
+    inner = (..., slice(1, -1))  # as above: not the self-conjugate planes
+
+    def energy(clips):
+        return torch.fft.rfftn(clips - mean, dim=(-3, -2, -1), norm="ortho").abs()[inner]
+
+    expected = energy(both).square().sum(dim=(1, 2, 3, 4)).mean()
+    assert torch.allclose(energy(clip).square().sum(dim=(1, 2, 3, 4)), expected.expand(2),
+                          rtol=1e-4)
+    assert float(energy(both).mean(dim=0).square().sum()) < 0.9 * float(expected)
+
+
 def test_warp_moves_one_image_by_its_flows():
     p = params.build("warp", SHAPE, stimuli(), samples=1, grid=3)
     param = p.init([torch.Generator().manual_seed(s) for s in (5, 6)])
@@ -182,9 +201,11 @@ def test_presets_and_their_overrides():
 def test_the_paper_preset_reproduces_the_paper_objective_clip_for_clip():
     """``--preset paper`` is the paper's setting exactly: the same clip as before x* had
     parameterisations (tests/data: written by the pixel-only code, demo.resnet3d, grow, seed 3,
-    10 steps)."""
+    10 steps, primed by the two stimuli the zoo held then)."""
     torch.set_num_threads(2)
+    zoo = Path(__file__).parents[1] / "leaps" / "zoo" / "stimuli"
     result = invert("demo.resnet3d", targets=["grow"], progress=False,
+                    stimuli=[f"grow={zoo / 'grow_0.mp4'}", f"grow={zoo / 'grow_1.mp4'}"],
                     config=InvertConfig.from_preset("paper", iterations=10, seed=3))
     expected = torch.load(FIXTURE, weights_only=True)
     assert torch.allclose(result.video, expected, atol=1e-4)
