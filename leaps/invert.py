@@ -157,8 +157,9 @@ class Inverter:
         spec = self.model.spec
         self.parameterisation = params.build(
             config.param, (len(self.y), 3, spec.frames, spec.size, spec.size), stimuli,
-            config.samples, config.spectrum_source, config.warp_grid,
-            pool=spectrum_pool).to(self.device)
+            config.samples, config.spectrum_source, config.warp_grid, pool=spectrum_pool,
+            normalisation=([m / spec.value_range for m in spec.mean],
+                           [s / spec.value_range for s in spec.std])).to(self.device)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                        enabled=self.device.type == "cuda")
         self.forward = torch.compile(self.model) if config.compile else self.model
@@ -946,6 +947,9 @@ def prepare_run(model: str | None = None, *, adapter: str | None = None,
              for group in groups]
     setting = config or InvertConfig()
     params.check_stimuli(setting.param, setting.init, clips)  # before anything is written
+    if not clips and setting.param != "pixels" and not quiet:
+        on_warning(f"no stimuli: --param {setting.param} takes the amplitude spectrum of natural "
+                   "scenes (1/f) at the model's input mean and std")
     verifier_names = ([spec.verifier] if verifier is None else
                       [verifier] if isinstance(verifier, str) else list(verifier) or ["none"])
     if "none" in verifier_names and len(verifier_names) > 1:

@@ -14,11 +14,14 @@ finds (DESIGN.md section 5: a separate, named choice, measured against the paper
                displacement fields: the motion is explicit, the appearance shared by the frames.
 
 A parameterisation is built once per inversion from the stimuli (their spectrum is a constant,
-recomputed identically on resume); only the parameter tensor is optimised and saved.
+recomputed identically on resume); only the parameter tensor is optimised and saved. Without
+stimuli (priming off), spectrum and warp take the amplitude of natural scenes instead: 1/f,
+scaled to the model's own input mean and std.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -192,33 +195,58 @@ def amplitude_spectrum(clips: Tensor) -> tuple[Tensor, Tensor]:
     return power.mean(dim=0).sqrt(), mean
 
 
+def natural_spectrum(size: Sequence[int], mean: Sequence[float],
+                     std: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """The amplitude of natural scenes, for clips of ``size`` (T, H, W, or H, W) when there are
+    no stimuli to measure it on: 1/|f| over the frequencies in cycles per sample (the power law
+    of natural images, Field 1987; here over space and time alike), zero at DC, scaled so that a
+    clip under it has standard deviation ``std`` around ``mean`` in each channel (the model's
+    input normalisation: what its training clips looked like). Returns the magnitude
+    ``[3, *size[:-1], size[-1]//2+1]`` and the means ``[3, 1, ...]``."""
+    axes = [torch.fft.fftfreq(n) for n in size[:-1]] + [torch.fft.rfftfreq(size[-1])]
+    grids = torch.meshgrid(*axes, indexing="ij")
+    radius = torch.sqrt(sum(g.square() for g in grids))
+    inverse = torch.where(radius > 0, 1 / radius.clamp_min(1e-12), torch.zeros(()))
+    # Energy of the full spectrum: the half-spectrum's inner planes stand for two frequencies.
+    weight = torch.full((size[-1] // 2 + 1,), 2.0)
+    weight[0] = 1.0
+    if size[-1] % 2 == 0:
+        weight[-1] = 1.0
+    energy = float((inverse.square() * weight).sum())
+    numel = math.prod(size)
+    scale = torch.tensor([float(s) for s in std]) * math.sqrt(numel / energy)
+    shape = (3,) + (1,) * len(size)
+    magnitude = scale.reshape(shape) * inverse
+    return magnitude, torch.tensor([float(m) for m in mean]).reshape(shape)
+
+
 def check_stimuli(param: str, init: str, stimuli: Sequence[Tensor]) -> None:
-    """Refuse what needs stimuli when there are none: a parameterisation that takes its
-    magnitude from them, or ``--init stimulus``."""
+    """Refuse what needs stimuli when there are none: ``--init stimulus``."""
     if stimuli:
         return
-    if param != "pixels":
-        raise LeapsError(f"--param {param} takes its amplitude spectrum from the stimuli, and "
-                         "there are none; give stimuli, or add --param pixels")
     if init == "stimulus":
         raise LeapsError("--init stimulus starts each clip from a stimulus of its class, and "
                          "there are none; give stimuli, or use --init noise")
 
 
 def build(name: str, shape: Sequence[int], stimuli: Sequence[Tensor], samples: int,
-          source: str = "all", grid: int = 4,
-          pool: Sequence[Tensor] | None = None) -> Parameterisation:
+          source: str = "all", grid: int = 4, pool: Sequence[Tensor] | None = None,
+          normalisation: tuple[Sequence[float], Sequence[float]] = ((0.45,) * 3, (0.225,) * 3)
+          ) -> Parameterisation:
     """The parameterisation ``name`` of ``shape`` = ``[B, 3, T, H, W]`` clips, B = targets x
     ``samples`` (target-major, as the inverter orders them). ``stimuli[i]``: the
     ``[N_i, 3, T, H, W]`` stimuli of target i in [0, 1]; ``source`` picks the spectrum's
     stimuli: ``all`` of ``pool`` (default: all of ``stimuli``), or each target ``class``'s
-    own."""
+    own. Without stimuli the spectrum is :func:`natural_spectrum` at ``normalisation`` (the
+    model's input mean and std on [0, 1] pixels; by default Kinetics')."""
     shape = tuple(int(s) for s in shape)
     pool = list(stimuli) if pool is None else list(pool)
     if name == "pixels":
         return Pixels(shape)
-    if name in PARAMS:
-        check_stimuli(name, "noise", stimuli)
+    if name == "spectrum" and not stimuli:
+        magnitude, mean = natural_spectrum(shape[2:], *normalisation)
+        return Spectrum(magnitude.expand(shape[0], *magnitude.shape).contiguous(),
+                        mean.expand(shape[0], *mean.shape).contiguous(), shape[2:])
     if name == "spectrum":
         if source not in SPECTRUM_SOURCES:
             raise LeapsError(f"spectrum source must be one of {', '.join(SPECTRUM_SOURCES)}, "
@@ -233,10 +261,13 @@ def build(name: str, shape: Sequence[int], stimuli: Sequence[Tensor], samples: i
             means = torch.stack([m for _, m in per_class]).repeat_interleave(samples, 0)
         return Spectrum(magnitudes.contiguous(), means.contiguous(), shape[2:])
     if name == "warp":
-        frames = torch.cat([s.cpu() for s in pool]).float().transpose(1, 2).flatten(0, 1)
-        mean = frames.mean(dim=(0, 2, 3))[:, None, None]
-        power = torch.fft.rfftn(frames - mean, dim=(-2, -1), norm="ortho").abs().square()
-        magnitude = power.mean(dim=0).sqrt()
+        if pool:
+            frames = torch.cat([s.cpu() for s in pool]).float().transpose(1, 2).flatten(0, 1)
+            mean = frames.mean(dim=(0, 2, 3))[:, None, None]
+            power = torch.fft.rfftn(frames - mean, dim=(-2, -1), norm="ortho").abs().square()
+            magnitude = power.mean(dim=0).sqrt()
+        else:
+            magnitude, mean = natural_spectrum(shape[3:], *normalisation)
         return Warp(magnitude.expand(shape[0], *magnitude.shape).contiguous(),
                     mean.expand(shape[0], *mean.shape).contiguous(), shape[2], shape[3],
                     grid)

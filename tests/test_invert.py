@@ -226,11 +226,14 @@ def test_without_stimuli_only_when_priming_is_off(motion, tmp_path):
         invert(MODEL, targets=["left"], checkpoint=motion["checkpoint"],
                config=short(), progress=False)
     out = tmp_path / "run"
-    # The default parameterisation keeps the stimuli's spectrum: without them, pixels.
-    with pytest.raises(LeapsError, match="there are none; give stimuli, or add --param pixels"):
-        invert(MODEL, targets=["all"], checkpoint=motion["checkpoint"],
-               config=short(priming_weight=0.0), out=out, progress=False)
-    assert not out.exists()
+    # The default parameterisation keeps the stimuli's spectrum: without them, natural 1/f.
+    warnings: list[str] = []
+    natural = invert(MODEL, targets=["all"], checkpoint=motion["checkpoint"],
+                     config=short(priming_weight=0.0), out=tmp_path / "natural",
+                     progress=False, on_warning=warnings.append)
+    assert natural.video.shape[0] == len(CLASSES) and 0 <= float(natural.video.min())
+    assert any("no stimuli: --param spectrum takes the amplitude spectrum of natural scenes"
+               in w for w in warnings), warnings
     result = invert(MODEL, targets=["all"], checkpoint=motion["checkpoint"],
                     config=short(priming_weight=0.0, param="pixels"), out=out, progress=False)
     assert result.labels == list(CLASSES)  # --target all: every class of the label set

@@ -113,6 +113,25 @@ def test_the_spectrum_carries_the_stimuli_mean_energy():
     assert float(energy(both).mean(dim=0).square().sum()) < 0.9 * float(expected)
 
 
+def test_without_stimuli_the_spectrum_is_natural_at_the_model_normalisation():
+    """No stimuli (priming off): 1/f amplitude, and clips with the model's input mean and std."""
+    mean, std = (0.4, 0.45, 0.5), (0.2, 0.15, 0.1)
+    magnitude, means = params.natural_spectrum((8, 32, 32), mean, std)
+    # 1/|f|: the amplitude halves from 2 to 4 cycles per clip along H, at any channel.
+    assert torch.allclose(magnitude[:, 0, 2, 0] / magnitude[:, 0, 4, 0], torch.tensor(2.0))
+    assert float(magnitude[:, 0, 0, 0].abs().max()) == 0  # no DC: the mean is separate
+    p = params.build("spectrum", (16, 3, 8, 32, 32), [], samples=1, normalisation=(mean, std))
+    clips = p.render(p.init([torch.Generator().manual_seed(s) for s in range(16)]))
+    per_channel = clips.transpose(0, 1).flatten(1)
+    assert torch.allclose(per_channel.mean(dim=1), torch.tensor(mean), atol=0.02)
+    assert torch.allclose(per_channel.std(dim=1), torch.tensor(std), rtol=0.15)
+    warp = params.build("warp", (2, 3, 8, 32, 32), [], samples=1, normalisation=(mean, std))
+    still = warp.render(warp.init([torch.Generator().manual_seed(s) for s in (1, 2)]))
+    assert still.shape == (2, 3, 8, 32, 32) and 0 < float(still.std()) < 0.5
+    with pytest.raises(LeapsError, match="--init stimulus"):
+        params.check_stimuli("spectrum", "stimulus", [])
+
+
 def test_warp_moves_one_image_by_its_flows():
     p = params.build("warp", SHAPE, stimuli(), samples=1, grid=3)
     param = p.init([torch.Generator().manual_seed(s) for s in (5, 6)])
