@@ -144,12 +144,6 @@ def test_warp_moves_one_image_by_its_flows():
     assert torch.allclose(clip[:, :, 0, 8:24, 8:24], still[:, :, 0, 10:26, 10:26], atol=1e-4)
 
 
-def test_spectrum_and_warp_need_stimuli():
-    for name in ("spectrum", "warp"):
-        with pytest.raises(LeapsError, match="stimuli"):
-            params.build(name, SHAPE, [], samples=1)
-
-
 @pytest.mark.parametrize("options", [
     {"param": "spectrum", "lr": 0.5, "views": 3, "crop": 0.6, "noise": 0.05, "time_shift": 1},
     {"param": "warp", "lr": 0.05, "views": 2, "crop": 0.7, "spectrum_source": "class"},
