@@ -243,14 +243,14 @@ def build(name: str, shape: Sequence[int], stimuli: Sequence[Tensor], samples: i
     pool = list(stimuli) if pool is None else list(pool)
     if name == "pixels":
         return Pixels(shape)
-    if name == "spectrum" and not stimuli:
-        magnitude, mean = natural_spectrum(shape[2:], *normalisation)
-        return Spectrum(magnitude.expand(shape[0], *magnitude.shape).contiguous(),
-                        mean.expand(shape[0], *mean.shape).contiguous(), shape[2:])
     if name == "spectrum":
         if source not in SPECTRUM_SOURCES:
             raise LeapsError(f"spectrum source must be one of {', '.join(SPECTRUM_SOURCES)}, "
                              f"got {source!r}")
+        if not stimuli:
+            magnitude, mean = natural_spectrum(shape[2:], *normalisation)
+            return Spectrum(magnitude.expand(shape[0], *magnitude.shape).contiguous(),
+                            mean.expand(shape[0], *mean.shape).contiguous(), shape[2:])
         if source == "all":
             magnitude, mean = amplitude_spectrum(torch.cat([s.cpu() for s in pool]))
             magnitudes = magnitude.expand(shape[0], *magnitude.shape)
