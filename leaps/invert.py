@@ -318,21 +318,19 @@ class Inverter:
         for recorder in self.norm_recorders:
             if recorder is not None:
                 recorder.reset()
-        verifier_logits = []
+        verifier_logits = {}  # verifier index -> its logits (the model's own pass is shared)
         with self.autocast:
             logits = self.forward(video)
-            for verifier in self.verifiers:
+            for i, verifier in enumerate(self.verifiers):
                 if verifier is not self.model:
                     spec = verifier.spec
-                    verifier_logits.append(verifier(resample(video, spec.frames, spec.size)))
+                    verifier_logits[i] = verifier(resample(video, spec.frames, spec.size))
         zero = logits.new_zeros((), dtype=torch.float32)
         features = [losses.feature_stats_loss(recorder.collected(), norm_targets, weights)
                     for recorder, norm_targets, weights in zip(
                         self.norm_recorders, self.priming.norm_targets, self.norm_weights)
                     if recorder is not None]
-        others = [v for v in self.verifiers if v is not self.model]
-        verifier_ce = [losses.cross_entropy(verifier_logits[others.index(self.verifiers[i])],
-                                            target) for i in self.ce_verifiers]
+        verifier_ce = [losses.cross_entropy(verifier_logits[i], target) for i in self.ce_verifiers]
         terms = {
             "ce": losses.cross_entropy(logits, target),
             "priming": (losses.priming_loss(self.tap_recorder.collected(), stimulus,
