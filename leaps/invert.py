@@ -61,6 +61,24 @@ def resample(video: Tensor, frames: int, size: int) -> Tensor:
     return F.interpolate(video, size=(frames, size, size), mode="trilinear", align_corners=False)
 
 
+def _window(clip: Tensor, dy: int, dx: int, flip: bool, top: int, left: int,
+            side: int) -> Tensor:
+    """``clip`` rolled by (dy, dx) pixels, flipped horizontally if ``flip``, then the
+    ``side``-pixel square at (top, left): the same values as ``torch.roll``, ``flip`` and a
+    slice, read by one gather per axis (an axis left as it is is not copied)."""
+    size = clip.shape[-1]
+    if not (dy or dx or flip or side < size):
+        return clip
+    if dy or side < size:
+        rows = (torch.arange(top, top + side, device=clip.device) - dy) % size
+        clip = clip.index_select(-2, rows)
+    if dx or flip or side < size:
+        cols = torch.arange(left, left + side, device=clip.device)
+        cols = ((size - 1 - cols) if flip else cols) - dx
+        clip = clip.index_select(-1, cols % size)
+    return clip
+
+
 def cosine_with_warmup(iterations: int, warmup: float) -> Callable[[int], float]:
     warm = max(1, int(round(iterations * warmup))) if warmup > 0 else 0
 
@@ -81,7 +99,9 @@ class Priming:
     flipped_embeddings: list[Tensor]  # same, for the horizontally flipped stimuli
     weights: Tensor                   # lambda_l of the primed taps
     margin: Tensor                    # delta of R_coh
-    norm_targets: list[list[tuple[Tensor, Tensor]]]  # per verifier: norm-layer stats to match
+    # per verifier: the norm-layer statistics to match, laid end to end (mean, var, channels of
+    # each layer), as NormStatsRecorder.moments gives x*'s
+    norm_targets: list[tuple[Tensor, Tensor, tuple[int, ...]]]
     stimulus_predictions: list[list[int]]      # per target: the model's top-1 per stimulus
 
 
@@ -201,17 +221,18 @@ class Inverter:
                        weights[:len(self.primed_taps)].to(self.device), margin,
                        self._norm_targets(stimuli), predictions)
 
-    def _norm_targets(self, stimuli: list[Tensor]) -> list[list[tuple[Tensor, Tensor]]]:
+    def _norm_targets(self, stimuli: list[Tensor]
+                      ) -> list[tuple[Tensor, Tensor, tuple[int, ...]]]:
         """Per verifier: running stats where it has them; otherwise estimated from the stimuli
-        (a BN-free verifier, which the paper's method could not use)."""
+        (a BN-free verifier, which the paper's method could not use). Laid end to end."""
         targets = []
         for verifier, recorder in zip(self.verifiers, self.norm_recorders):
             layers = verifier.norm_layers
             if recorder is None:
-                targets.append([])
+                pairs = []
             elif all(layer.has_stats for layer in layers):
-                targets.append([(layer.running_mean.float(), layer.running_var.float())
-                                for layer in layers])
+                pairs = [(layer.running_mean.float(), layer.running_var.float())
+                         for layer in layers]
             elif not stimuli:
                 raise LeapsError(
                     f"the verifier {verifier.model_name} has no running statistics (no "
@@ -222,7 +243,10 @@ class Inverter:
                 clips = torch.cat([resample(s, spec.frames, spec.size) for s in stimuli])
                 recorder.reset()
                 verifier(clips)
-                targets.append([(m.detach(), v.detach()) for m, v in recorder.collected()])
+                pairs = [(m.detach(), v.detach()) for m, v in recorder.collected()]
+            targets.append((torch.cat([m for m, _ in pairs]) if pairs else torch.zeros(0),
+                            torch.cat([v for _, v in pairs]) if pairs else torch.zeros(0),
+                            tuple(m.shape[-1] for m, _ in pairs)))
         return targets
 
     def initial_state(self, clip_seeds: Sequence[int] | None = None) -> InversionState:
@@ -266,13 +290,15 @@ class Inverter:
         return self.parameterisation.render(param.to(self.device)).float()
 
     # -- one step ----------------------------------------------------------------------
-    def views(self, clip: Tensor, shift: int, rng: random.Random) -> tuple[Tensor, Tensor]:
+    def views(self, clip: Tensor, shift: int, rng: random.Random) -> tuple[Tensor, Tensor | bool]:
         """``config.views`` augmented views of the clips, as one batch ``[K*B, ...]``, and
-        which of them are flipped with their target swapped to its mirror (``[K*B]`` bool).
+        which of them are flipped with their target swapped to its mirror: a bool when all views
+        agree, else a ``[K*B]`` mask.
 
         Each view: a random roll of up to ``shift`` pixels, a flip (per ``flip_mode``), then
         where enabled a random resized crop, a temporal shift (edge frames repeated) and
         additive Gaussian noise. Every random choice comes from ``rng`` (the resumable state).
+        Roll, flip and crop window are one gather per axis; the resize is bilinear per frame.
         """
         config = self.config
         size, frames = clip.shape[-1], clip.shape[2]
@@ -280,40 +306,53 @@ class Inverter:
         for _ in range(config.views):
             dx, dy = rng.randint(-shift, shift), rng.randint(-shift, shift)
             flip = self.flip_mode != "off" and rng.random() < 0.5
-            view = torch.roll(clip, shifts=(dy, dx), dims=(-2, -1))
-            if flip:
-                view = view.flip(-1)
+            side, top, left = size, 0, 0
             if config.crop < 1:
                 side = max(1, round(rng.uniform(config.crop, 1.0) * size))
                 top, left = rng.randint(0, size - side), rng.randint(0, size - side)
-                if side < size:
-                    view = F.interpolate(view[..., top:top + side, left:left + side],
-                                         size=(frames, size, size), mode="trilinear",
-                                         align_corners=False)
+            view = _window(clip, dy, dx, flip, top, left, side)
+            if side < size:
+                view = F.interpolate(view.flatten(1, 2), size=(size, size), mode="bilinear",
+                                     align_corners=False).unflatten(1, (clip.shape[1], frames))
             if config.time_shift:
                 dt = rng.randint(-config.time_shift, config.time_shift)
-                index = (torch.arange(frames, device=view.device) - dt).clamp(0, frames - 1)
-                view = view.index_select(2, index)
+                if dt:
+                    index = (torch.arange(frames, device=view.device) - dt).clamp(0, frames - 1)
+                    view = view.index_select(2, index)
             if config.noise > 0:
                 generator = torch.Generator(view.device).manual_seed(rng.getrandbits(63))
-                view = view + config.noise * torch.randn(
-                    view.shape, generator=generator, device=view.device, dtype=view.dtype)
+                noise = torch.randn(view.shape, generator=generator, device=view.device,
+                                    dtype=view.dtype)
+                # in place where the view is a copy of its own (none of its producers' backward
+                # reads it); the render itself may feed other views
+                view = (view.add_(noise, alpha=config.noise) if view is not clip else
+                        view + config.noise * noise)
             views.append(view)
             swapped.append(flip and self.flip_mode == "swap")
         batch = views[0] if len(views) == 1 else torch.cat(views)
+        if all(swapped) or not any(swapped):
+            return batch, swapped[0]
         mask = torch.tensor(swapped, device=self.device).repeat_interleave(len(self.y))
         return batch, mask
 
     def objective(self, video: Tensor, swapped: Tensor | bool) -> dict[str, Tensor]:
         """All loss terms for a batch of views of x* (``[K*B, ...]``, view-major), each
         averaged over the views; ``swapped``: per view, whether it was flipped with its target
-        swapped to the mirror class (a bool for all). No host sync."""
+        swapped to the mirror class (a ``[K*B]`` mask, or a bool for all). No host sync."""
         config = self.config
         repeat = video.shape[0] // len(self.y)
-        swapped = torch.as_tensor(swapped, device=self.device).expand(video.shape[0])
-        target = torch.where(swapped, self.y_flipped.repeat(repeat), self.y.repeat(repeat))
-        stimulus = [torch.where(swapped[:, None], f.repeat(repeat, 1), e.repeat(repeat, 1))
-                    for e, f in zip(self.priming.embeddings, self.priming.flipped_embeddings)]
+        pairs = list(zip(self.priming.embeddings, self.priming.flipped_embeddings))
+        if isinstance(swapped, bool):  # every view alike: pick, nothing to select per row
+            target = self.y_flipped if swapped else self.y
+            stimulus = [f if swapped else e for e, f in pairs]
+            if repeat > 1:
+                target = target.repeat(repeat)
+                stimulus = [s.repeat(repeat, 1) for s in stimulus]
+        else:
+            swapped = swapped.to(self.device).expand(video.shape[0])
+            target = torch.where(swapped, self.y_flipped.repeat(repeat), self.y.repeat(repeat))
+            stimulus = [torch.where(swapped[:, None], f.repeat(repeat, 1), e.repeat(repeat, 1))
+                        for e, f in pairs]
         self.tap_recorder.reset()
         for recorder in self.norm_recorders:
             if recorder is not None:
@@ -326,8 +365,8 @@ class Inverter:
                     spec = verifier.spec
                     verifier_logits[i] = verifier(resample(video, spec.frames, spec.size))
         zero = logits.new_zeros((), dtype=torch.float32)
-        features = [losses.feature_stats_loss(recorder.collected(), norm_targets, weights)
-                    for recorder, norm_targets, weights in zip(
+        features = [losses.feature_stats_distance(*recorder.moments(), *targets, weights)
+                    for recorder, targets, weights in zip(
                         self.norm_recorders, self.priming.norm_targets, self.norm_weights)
                     if recorder is not None]
         verifier_ce = [losses.cross_entropy(verifier_logits[i], target) for i in self.ce_verifiers]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +91,27 @@ class Pixels(Parameterisation):
         param.clamp_(0, 1)
 
 
+class _Polar(torch.autograd.Function):
+    """``torch.polar(magnitude, phase)`` for a constant magnitude, differentiable in the phase.
+
+    z = M e^{i phi}; a real loss's gradient g = dL/dRe z + i dL/dIm z gives
+    dL/dphi = Re z * Im g - Im z * Re g. Two real products on the saved z, where torch.polar's
+    own forward and backward cost 2-3x as much on CPU (values agree to float rounding).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, magnitude: Tensor, phase: Tensor) -> Tensor:
+        z = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+        ctx.save_for_backward(z)
+        return z
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
+        (z,) = ctx.saved_tensors
+        z, grad = torch.view_as_real(z), torch.view_as_real(grad.resolve_conj())
+        return None, z[..., 0] * grad[..., 1] - z[..., 1] * grad[..., 0]
+
+
 class Spectrum(Parameterisation):
     """Phase-only optimisation under the stimuli's 3D amplitude spectrum.
 
@@ -119,9 +141,9 @@ class Spectrum(Parameterisation):
 
     def render(self, param: Tensor) -> Tensor:
         with torch.autocast(param.device.type, enabled=False):
-            spectrum = torch.polar(self.magnitude, param.float())
+            spectrum = _Polar.apply(self.magnitude, param.float())
             clip = torch.fft.irfftn(spectrum, s=self.size, dim=_DIMS, norm="ortho")
-            return (clip + self.mean).clamp(0, 1)
+            return clip.add_(self.mean).clamp(0, 1)  # irfftn's backward does not read clip
 
 
 class Warp(Parameterisation):

@@ -171,17 +171,27 @@ def test_resume_is_bit_identical_with_every_augmentation(tiny, tmp_path, options
 def test_views_average_the_objective_over_augmented_copies(tiny):
     clips = stimuli()
     inverter = Inverter(tiny, [0, 2], clips, config(views=4, crop=0.5, noise=0.1,
-                                                    time_shift=2), "self")
+                                                    time_shift=2), "self",
+                        mirrors=[("left", "right")])
     import random
 
     clip = torch.rand(SHAPE)
     batch, swapped = inverter.views(clip, 4, random.Random(0))
-    assert batch.shape == (8, *SHAPE[1:]) and swapped.shape == (8,)
-    assert swapped.dtype == torch.bool
+    assert batch.shape == (8, *SHAPE[1:])
+    # some views flipped with their target swapped, some not: a mask, one value per view
+    assert swapped.shape == (8,) and swapped.dtype == torch.bool
+    per_view = swapped.view(4, 2)
+    assert per_view.any() and not per_view.all()
+    assert torch.equal(per_view.all(dim=1), per_view.any(dim=1))
     # Different views of the same clip differ (crop, noise, shift, roll).
     assert not torch.allclose(batch[:2], batch[2:4])
     terms = inverter.objective(batch, swapped)
     assert terms["total"].ndim == 0 and torch.isfinite(terms["total"])
+    # views all alike come as one bool: the same objective as its mask
+    for value in (False, True):
+        mask = torch.full((8,), value)
+        assert torch.equal(inverter.objective(batch, value)["total"],
+                           inverter.objective(batch, mask)["total"])
 
 
 def test_several_verifiers_each_give_r_feat_and_their_cross_entropy(models):
