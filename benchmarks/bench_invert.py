@@ -9,8 +9,8 @@ views of each clip as one batch, so the plain forward+backward it is compared wi
 same K x batch clips: the ratio is per view. ``--param`` picks x*'s parameterisation (its
 render is part of the LEAPS iteration); ``--preset`` the rest of the setting (default: the CLI's
 default; paper: the paper's objective). Times come from one process that interleaves the four
-measurements block by block and takes medians, so load from other processes hits numerator
-and denominator alike; each peak-memory figure comes from a fresh process of its own.
+measurements block by block (each block after one untimed iteration of its own) and takes
+medians, so load from other processes hits numerator and denominator alike; each peak-memory figure comes from a fresh process of its own.
 
     python benchmarks/bench_invert.py              # all cases, batch 2
     python benchmarks/bench_invert.py --case r3d   # one case
@@ -20,6 +20,7 @@ and denominator alike; each peak-memory figure comes from a fresh process of its
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import statistics
@@ -100,22 +101,26 @@ def measure_time(case: str, batch: int, iterations: int, warmup: int, rounds: in
     spec, model, verifier_name, plain = _setup(case, batch, options["views"])
     _, verifier = _build(verifier_name, None)
     verifier.requires_grad_(False)
-    leaps_other, other_state = _inverter(spec, model, verifier, batch, warmup, options)
-    leaps_self, self_state = _inverter(spec, model, "self", batch, warmup, options)
+    # Each measurement has networks of its own: an inverter's hooks (and the last step's
+    # statistics they hold) stay on the networks it was given, and would otherwise run, and
+    # weigh, in the other measurements' forwards.
+    leaps_other, other_state = _inverter(spec, copy.deepcopy(model), copy.deepcopy(verifier),
+                                         batch, warmup, options)
+    leaps_self, self_state = _inverter(spec, copy.deepcopy(model), "self", batch, warmup, options)
     states = {"other": other_state, "self": self_state}
 
     def leaps_block(inverter, key):
-        def block():
+        def block(count: int):
             state = states[key]
-            inverter.config = replace(inverter.config, iterations=state.step + iterations)
+            inverter.config = replace(inverter.config, iterations=state.step + count)
             states[key] = inverter.run(state)
         return block
 
     def plain_block(net):
         step = plain(net)
 
-        def block():
-            for _ in range(iterations):
+        def block(count: int):
+            for _ in range(count):
                 step()
         return block
 
@@ -123,12 +128,15 @@ def measure_time(case: str, batch: int, iterations: int, warmup: int, rounds: in
               "leaps_other": leaps_block(leaps_other, "other"),
               "leaps_self": leaps_block(leaps_self, "self")}
     for block in blocks.values():  # warm-up
-        block()
+        block(iterations)
     times: dict[str, list[float]] = {name: [] for name in blocks}
     for _ in range(rounds):
         for name, block in blocks.items():
+            # One untimed iteration first: the first after another measurement (a larger model
+            # before it) pays for that one's cache and page misses, which are not this one's.
+            block(1)
             start = time.perf_counter()
-            block()
+            block(iterations)
             times[name].append((time.perf_counter() - start) / iterations)
     result = {name: statistics.median(values) for name, values in times.items()}
     result["verifier_name"] = verifier_name

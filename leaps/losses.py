@@ -311,14 +311,6 @@ def moments_from_sums(sums: Tensor, squares: Tensor, counts: Tensor) -> tuple[Te
     return mean, (squares.sum(dim=0) / counts - mean.square()).clamp_min(0.0)
 
 
-def batch_norm_stats(x: Tensor, y: Tensor, weight: Tensor | None, running_var: Tensor,
-                     eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(y', mean, var)``: :func:`batch_norm_sums` for one layer, its sums turned into x's
-    channel statistics. ``weight`` and ``running_var`` are the layer's."""
-    y, sums, squares = batch_norm_sums(x, y, batch_norm_scale(weight, running_var, eps, x))
-    return (y, *moments_from_sums(sums, squares, x.numel() // x.shape[1]))
-
-
 def feature_stats_loss(stats: Sequence[tuple[Tensor, Tensor]],
                        targets: Sequence[tuple[Tensor, Tensor]], weights: Tensor) -> Tensor:
     """R_feat = sum_l w_l (||mu_l(x*) - mu_l||_2 + ||var_l(x*) - var_l||_2) (DeepInversion).

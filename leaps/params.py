@@ -192,7 +192,7 @@ class Warp(Parameterisation):
         with torch.autocast(param.device.type, enabled=False):
             param = param.float()
             phase = param[:, :self.image_numel].reshape(self.magnitude.shape)
-            image = torch.fft.irfftn(torch.polar(self.magnitude, phase), s=(size, size),
+            image = torch.fft.irfftn(_Polar.apply(self.magnitude, phase), s=(size, size),
                                      dim=(-2, -1), norm="ortho") + self.mean
             flow = param[:, self.image_numel:].reshape(batch * frames, 2, grid, grid)
             dense = F.interpolate(flow, size=(size, size), mode="bicubic", align_corners=True)

@@ -239,8 +239,15 @@ def _bn(channels: int = 6) -> torch.nn.BatchNorm3d:
     return bn.eval().requires_grad_(False)
 
 
+def _fused_stats(x: torch.Tensor, bn: torch.nn.BatchNorm3d):
+    """One layer through the fused path: (output, mean, var) of its input."""
+    y, sums, squares = losses.batch_norm_sums(
+        x, bn(x), losses.batch_norm_scale(bn.weight, bn.running_var, bn.eps, x))
+    return (y, *losses.moments_from_sums(sums, squares, x.numel() // x.shape[1]))
+
+
 @pytest.mark.parametrize("affine", [True, False])
-def test_batch_norm_stats_equal_the_layer_and_channel_stats(affine):
+def test_batch_norm_sums_equal_the_layer_and_channel_stats(affine):
     """Output, statistics and the gradient of any mix of the three equal the layer's own
     forward plus channel_stats through autograd (the path for every other norm layer)."""
     bn = _bn()
@@ -251,7 +258,7 @@ def test_batch_norm_stats_equal_the_layer_and_channel_stats(affine):
     g_y, g_mean, g_var = torch.randn(2, 6, 3, 5, 5), torch.randn(6), torch.randn(6)
 
     def fused(inp):
-        return losses.batch_norm_stats(inp, bn(inp), bn.weight, bn.running_var, bn.eps)
+        return _fused_stats(inp, bn)
 
     def reference(inp):
         return (bn(inp), *losses.channel_stats(inp, 1))
@@ -271,25 +278,25 @@ def test_batch_norm_stats_equal_the_layer_and_channel_stats(affine):
         assert torch.allclose(grad, ref_grad, rtol=1e-5, atol=1e-6), use
 
 
-def test_gradcheck_batch_norm_stats_in_double_precision():
+def test_gradcheck_batch_norm_sums_in_double_precision():
     bn = _bn(3).double()
     x = torch.randn(2, 3, 2, 3, 3, dtype=torch.double, requires_grad=True)
     target = (torch.zeros(3, dtype=torch.double), torch.ones(3, dtype=torch.double))
 
     def fn(inp):
-        y, mean, var = losses.batch_norm_stats(inp, bn(inp), bn.weight, bn.running_var, bn.eps)
+        y, mean, var = _fused_stats(inp, bn)
         return y.sin().sum() + losses.feature_stats_loss(
             [(mean, var)], [target], torch.tensor([2.0], dtype=torch.double))
 
     assert torch.autograd.gradcheck(fn, (x,))
 
 
-def test_batch_norm_stats_keep_half_precision_activations():
+def test_batch_norm_sums_keep_half_precision_activations():
     """Under autocast (CUDA) activations are bfloat16: the output and the input's gradient keep
     that dtype, the statistics are reduced in float32."""
     bn = _bn()
     x = (torch.randn(2, 6, 2, 4, 4) + 1).bfloat16().requires_grad_(True)
-    y, mean, var = losses.batch_norm_stats(x, bn(x), bn.weight, bn.running_var, bn.eps)
+    y, mean, var = _fused_stats(x, bn)
     assert y.dtype == torch.bfloat16 and mean.dtype == var.dtype == torch.float32
     ref_var, ref_mean = torch.var_mean(x.detach().double(), dim=(0, 2, 3, 4), unbiased=False)
     assert torch.allclose(mean.double(), ref_mean, rtol=1e-4)

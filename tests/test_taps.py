@@ -165,3 +165,41 @@ def test_a_trainable_bias_keeps_the_generic_path_and_gets_its_gradient():
         assert recorder.fused == [False, False, True]
         _objective(out, recorder.collected(), layers).backward()
     assert net[1].bias.grad is not None and net[1].bias.grad.abs().sum() > 0
+
+
+class _Frames(nn.Module):
+    """[B, C, T, H, W] <-> [B*T, C, H, W] (a 2D norm layer inside a video network)."""
+
+    def __init__(self, frames: int = 0) -> None:
+        super().__init__()
+        self.frames = frames
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frames:  # back to a clip
+            return x.unflatten(0, (-1, self.frames)).transpose(1, 2)
+        return x.transpose(1, 2).flatten(0, 1)
+
+
+def test_layers_with_different_batch_rows_are_read_one_by_one():
+    """A BatchNorm2d on frames sees B*T rows, the BatchNorm3d B: their sums are not laid side by
+    side, and the statistics still equal the generic path's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.BatchNorm3d(4), _Frames(),
+                        nn.BatchNorm2d(4), _Frames(4))
+    for module in (net[1], net[3]):
+        module.running_var.uniform_(0.5, 2)
+    net.eval().requires_grad_(False)
+    layers = [NormLayer(f"{i}", net[i], 1, net[i].running_mean, net[i].running_var)
+              for i in (1, 3)]
+    x = torch.rand(2, 3, 4, 6, 6)
+    with NormStatsRecorder(layers) as recorder:
+        inp = x.clone().requires_grad_(True)
+        out = net(inp)
+        assert recorder.fused == [True, True]
+        loss = _objective(out, recorder.collected(), layers)
+        grad = torch.autograd.grad(loss, inp)[0]
+    inp = x.clone().requires_grad_(True)
+    reference_out, reference_stats = _reference_stats(net, layers, inp)
+    reference = _objective(reference_out, reference_stats, layers)
+    assert torch.allclose(loss, reference, rtol=1e-6)
+    assert torch.allclose(grad, torch.autograd.grad(reference, inp)[0], rtol=1e-4, atol=1e-7)
