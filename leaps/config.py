@@ -138,7 +138,7 @@ class InvertConfig:
     views: int = field(default=1, metadata={
         "help": "Augmented views of x* per step (K), run as one batch; the loss is averaged "
                 "over them."})
-    # crop, noise, time shift: on by default, even at K = 1 (18 ms a step on X3D-XS): they
+    # crop, noise, time shift: on by default, even at K = 1 (about 10 ms a step on X3D-XS): they
     # lifted demo.resnet3d's unseen-family top-1 from 76% to 84% (docs/ablation/transfer.md).
     crop: float = field(default=0.8, metadata={
         "help": "Random resized crop of each view: the smallest crop side, as a fraction of "
