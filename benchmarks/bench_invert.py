@@ -10,7 +10,8 @@ same K x batch clips: the ratio is per view. ``--param`` picks x*'s parameterisa
 render is part of the LEAPS iteration); ``--preset`` the rest of the setting (default: the CLI's
 default; paper: the paper's objective). Times come from one process that interleaves the four
 measurements block by block (each block after one untimed iteration of its own) and takes
-medians, so load from other processes hits numerator and denominator alike; each peak-memory figure comes from a fresh process of its own.
+medians, so load from other processes hits numerator and denominator alike; each peak-memory
+figure comes from a fresh process of its own.
 
     python benchmarks/bench_invert.py              # all cases, batch 2
     python benchmarks/bench_invert.py --case r3d   # one case

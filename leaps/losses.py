@@ -17,13 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
 _WIDE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
 def _wide(x: Tensor) -> Tensor:
     """Half-precision activations (autocast) are reduced in float32; others keep their dtype."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return x.float() if x.dtype in _WIDE else x
 
 
 def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
@@ -232,9 +231,9 @@ class _BatchNormSums(torch.autograd.Function):
     y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, with one backward for all.
 
     Forward: y passes through unchanged (no compute); the sums are two reductions along the
-    contiguous axis (float32 for half-precision x). The per-channel mean and variance they stand for are formed
-    later for all layers at once (:func:`moments_from_sums`), so a layer costs the two
-    reductions and no small per-layer arithmetic.
+    contiguous axis (float32 for half-precision x). The per-channel mean and variance they
+    stand for are formed later for all layers at once (:func:`moments_from_sums`), so a layer
+    costs the two reductions and no small per-layer arithmetic.
     Backward: reading the sums with a function of their own would leave x with two gradients -
     the layer's ``g_y * s`` (s = weight / sqrt(running_var + eps)) and the sums'
     ``g_sum + 2 g_sq x`` - each written to a fresh full-size buffer and then summed. Here
@@ -295,9 +294,10 @@ def batch_norm_scale(weight: Tensor | None, running_var: Tensor, eps: float,
 def batch_norm_sums(x: Tensor, y: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(y', sums, squares)``: the output ``y`` of an inference-mode BatchNorm on ``[B, C, ...]``
     input ``x`` (same values; its graph is replaced: the gradient reaches x directly) and the
-    ``[B, C]`` sums of x and x^2 (float32 for half-precision x) over each sample's channel, with one fused backward
-    (``_BatchNormSums``). ``scale``: :func:`batch_norm_scale` of the layer, whose weight must
-    not need a gradient. :func:`moments_from_sums` turns the sums into mean and variance."""
+    ``[B, C]`` sums of x and x^2 (float32 for half-precision x) over each sample's channel, with
+    one fused backward (``_BatchNormSums``). ``scale``: :func:`batch_norm_scale` of the layer,
+    whose weight must not need a gradient. :func:`moments_from_sums` turns the sums into mean
+    and variance."""
     return _BatchNormSums.apply(x, y.detach(), scale)
 
 

@@ -13,8 +13,14 @@ import torch
 from torch import Tensor, nn
 
 from leaps.adapter import NormLayer, Tap
-from leaps.losses import (batch_norm_scale, batch_norm_sums, channel_stats, embedding_mean,
-                          frame_vectors, moments_from_sums)
+from leaps.losses import (
+    batch_norm_scale,
+    batch_norm_sums,
+    channel_stats,
+    embedding_mean,
+    frame_vectors,
+    moments_from_sums,
+)
 
 
 class _Hooks:
