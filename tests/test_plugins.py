@@ -264,8 +264,12 @@ def test_conformance_suite_fails_a_broken_adapter(tmp_path: Path, adapter: type[
         with pytest.raises(AssertionError, match=re.escape(message)) as failure:
             CHECKS[check](model, tmp_path)
         assert model in str(failure.value)
-        for other in set(CHECKS) - {check, "checkpoint_round_trip"}:
-            CHECKS[other](model, tmp_path)  # the fault is caught by its own check only
+        for other in sorted(set(CHECKS) - {check, "checkpoint_round_trip"}):
+            # the fault is caught by its own check only; each check builds the model from the
+            # same seed (a rounded tap of other weights can round a changed corner away, which
+            # the locality check would then catch too)
+            torch.manual_seed(0)
+            CHECKS[other](model, tmp_path)
 
 
 def test_a_detached_tap_fails_the_gradient_check(tmp_path: Path) -> None:
