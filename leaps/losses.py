@@ -239,7 +239,7 @@ class _BatchNormSums(torch.autograd.Function):
     ``g_sum + 2 g_sq x`` - each written to a fresh full-size buffer and then summed. Here
         d/dx = g_y * s + 2 g_sq x + g_sum
     is written once: the per-row affine map as one inference-mode ``batch_norm`` over the
-    ``B * C`` rows, then ``g_y * s`` added in place. The layer's weight and bias get no gradient
+    ``B * C`` rows (running variance 1/4 doubles x), then ``g_y * s`` added in place. The layer's weight and bias get no gradient
     (a frozen model).
     """
 
@@ -262,12 +262,12 @@ class _BatchNormSums(torch.autograd.Function):
         if grad_sums is None and grad_squares is None:
             return (None if grad_y is None else grad_y * scale), None, None
         rows = x.shape[0] * x.shape[1]
-        slope = (torch.zeros(rows, dtype=x.dtype, device=x.device) if grad_squares is None
-                 else (grad_squares * 2).to(x.dtype).reshape(rows))
+        half = (torch.zeros(rows, dtype=x.dtype, device=x.device) if grad_squares is None
+                else grad_squares.to(x.dtype).reshape(rows))
         offset = (torch.zeros(rows, dtype=x.dtype, device=x.device) if grad_sums is None
                   else grad_sums.to(x.dtype).reshape(rows))
-        zero, one = _unit_stats(rows, x.device, x.dtype)
-        grad = torch.batch_norm(x.reshape(1, rows, -1), slope, offset, zero, one, False, 0.0,
+        zero, quarter = _doubling_stats(rows, x.device, x.dtype)
+        grad = torch.batch_norm(x.reshape(1, rows, -1), half, offset, zero, quarter, False, 0.0,
                                 0.0, False).view(x.shape)
         if grad_y is not None:
             grad = grad.addcmul_(grad_y, scale)
@@ -275,10 +275,12 @@ class _BatchNormSums(torch.autograd.Function):
 
 
 @functools.lru_cache(maxsize=256)
-def _unit_stats(rows: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Running mean 0 and variance 1: an inference-mode batch_norm that is ``weight * x + bias``."""
+def _doubling_stats(rows: int, device: torch.device, dtype: torch.dtype
+                    ) -> tuple[Tensor, Tensor]:
+    """Running mean 0 and variance 1/4 (eps 0): an inference-mode batch_norm that is
+    ``weight * 2x + bias``, so the gradient of the squares needs no doubling of its own."""
     return (torch.zeros(rows, device=device, dtype=dtype),
-            torch.ones(rows, device=device, dtype=dtype))
+            torch.full((rows,), 0.25, device=device, dtype=dtype))
 
 
 def batch_norm_scale(weight: Tensor | None, running_var: Tensor, eps: float,
