@@ -239,8 +239,8 @@ class _BatchNormSums(torch.autograd.Function):
     ``g_sum + 2 g_sq x`` - each written to a fresh full-size buffer and then summed. Here
         d/dx = g_y * s + 2 g_sq x + g_sum
     is written once: the per-row affine map as one inference-mode ``batch_norm`` over the
-    ``B * C`` rows (running variance 1/4 doubles x), then ``g_y * s`` added in place. The layer's weight and bias get no gradient
-    (a frozen model).
+    ``B * C`` rows (running variance 1/4 doubles x), then ``g_y * s`` added in place. The
+    layer's weight and bias get no gradient (a frozen model).
     """
 
     @staticmethod

@@ -141,7 +141,7 @@ class NormStatsRecorder(_Hooks):
         stats = self._recorded()
         if not stats:
             return torch.zeros(0), torch.zeros(0)
-        fused = [s for s in stats if len(s) == 3]
+        fused = [s for s, is_fused in zip(stats, self.fused) if is_fused]
         if fused and len({s[0].shape[0] for s in fused}) == 1:
             counts = _counts(tuple((s[0].shape[1], s[2]) for s in fused), fused[0][0].device)
             mean, var = moments_from_sums(torch.cat([s[0] for s in fused], dim=1),
@@ -150,9 +150,11 @@ class NormStatsRecorder(_Hooks):
                 return mean, var
             means = iter(mean.split([s[0].shape[1] for s in fused]))
             variances = iter(var.split([s[0].shape[1] for s in fused]))
-            pairs = [(next(means), next(variances)) if len(s) == 3 else s for s in stats]
+            pairs = [(next(means), next(variances)) if is_fused else s
+                     for s, is_fused in zip(stats, self.fused)]
         else:  # rows differ from layer to layer (or none fused): one by one
-            pairs = [moments_from_sums(*s) if len(s) == 3 else s for s in stats]
+            pairs = [moments_from_sums(*s) if is_fused else s
+                     for s, is_fused in zip(stats, self.fused)]
         return torch.cat([m for m, _ in pairs]), torch.cat([v for _, v in pairs])
 
     def collected(self) -> list[tuple[Tensor, Tensor]]:
